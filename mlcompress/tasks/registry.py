@@ -1,0 +1,78 @@
+"""Finding a task by name: the built-ins, or a user's plug-in ``package.module:factory``.
+
+A plug-in is any importable callable returning an object that satisfies
+:class:`~mlcompress.tasks.protocol.Task`. It is called with ``data=DIR`` when the user passes
+``--data``, and with no arguments otherwise, so factories without a data set need no parameter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Callable
+
+from mlcompress.errors import InputError
+from mlcompress.tasks.digits import digits_task
+from mlcompress.tasks.lenet5 import lenet5_task
+from mlcompress.tasks.protocol import Task
+
+BUILTIN: dict[str, Callable[..., Task]] = {
+    "lenet5": lenet5_task,
+    "mlp-digits": digits_task,
+}
+
+_REQUIRED = (
+    "name", "input_shape", "metric_name", "batch_size", "lr", "epochs", "make_model",
+    "train_batches", "test_batches", "loss", "metric", "calibration",
+)
+
+
+def task_names() -> list[str]:
+    """Names of the built-in tasks."""
+    return sorted(BUILTIN)
+
+
+def get_task(spec: str, data: Path | str | None = None) -> Task:
+    """The task named ``spec`` (a built-in name or ``package.module:factory``), built on ``data``."""
+    if ":" not in spec:
+        try:
+            factory = BUILTIN[spec]
+        except KeyError:
+            raise InputError(
+                f"unknown task {spec!r}",
+                hint=f"built-in tasks: {', '.join(task_names())}; or a plug-in package.module:factory",
+            ) from None
+        return factory(data)
+    return _plugin(spec, data)
+
+
+def _plugin(spec: str, data: Path | str | None) -> Task:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"bad task plug-in {spec!r}", hint="write it as package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(
+            f"cannot import task plug-in module {module_name!r}: {exc}",
+            hint="make sure it is installed or on PYTHONPATH",
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InputError(f"task plug-in {spec!r}: {module_name} has no callable {attr!r}")
+    if data is not None:
+        try:
+            inspect.signature(factory).bind(data=data)
+        except TypeError:
+            raise InputError(f"task plug-in {spec!r} takes no data argument; drop --data") from None
+        task = factory(data=Path(data))
+    else:
+        task = factory()
+    missing = [name for name in _REQUIRED if not hasattr(task, name)]
+    if missing:
+        raise InputError(
+            f"task plug-in {spec!r} returned a {type(task).__name__} without {', '.join(missing)}",
+            hint="return a mlcompress.tasks.TensorTask or an object with the Task protocol's members",
+        )
+    return task
