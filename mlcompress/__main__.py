@@ -1,0 +1,5 @@
+import sys
+
+from mlcompress.cli import main
+
+sys.exit(main())

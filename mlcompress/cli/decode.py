@@ -1,0 +1,36 @@
+"""``mlcompress decode``: ``.mrc`` -> safetensors or .pt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mlcompress.cli import app, options
+from mlcompress.cli.output import Output, human_bytes
+
+
+@app.command()
+def decode(
+    container: Annotated[Path, typer.Argument(help="A .mrc file.")],
+    output: options.Output = None,
+    force: options.Force = False,
+    json: options.Json = False,
+    quiet: options.Quiet = False,
+    debug: options.Debug = False,
+) -> None:
+    """Restore the weights of a .mrc file (default: beside it, as .safetensors)."""
+    from mlcompress.decode import decode_file
+
+    out = Output(json, quiet)
+    summary = decode_file(container, output, force=force)
+
+    def render(console: Console) -> None:
+        console.print(
+            f"wrote {summary['output']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
+            f"{human_bytes(summary['output_bytes'])} in {summary['seconds']:.2f} s"
+        )
+
+    out.result(summary, render)

@@ -1,0 +1,61 @@
+"""``mlcompress inspect``: what a ``.mrc`` holds and what each tensor costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlcompress.cli import app, options
+from mlcompress.cli.output import Output, human_bytes
+
+
+def _details(row: dict) -> str:
+    details = row.get("details") or {}
+    if "alias_of" in row:
+        return f"same as {row['alias_of']}"
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in details.items())
+
+
+@app.command()
+def inspect(
+    container: Annotated[Path, typer.Argument(help="A .mrc file.")],
+    json: options.Json = False,
+    quiet: options.Quiet = False,
+    debug: options.Debug = False,
+) -> None:
+    """Show every tensor of a .mrc file: codec, shape, sizes, bits per weight, and the totals."""
+    from mlcompress.summary import summarize
+
+    out = Output(json, quiet)
+    summary = summarize(container)
+
+    def render(console: Console) -> None:
+        table = Table(title=str(container), show_footer=True)
+        totals = summary["totals"]
+        table.add_column("tensor", footer=f"{totals['tensors']} tensors")
+        table.add_column("codec", footer="+ header")
+        table.add_column("shape")
+        table.add_column("dtype")
+        table.add_column("original", justify="right", footer=human_bytes(totals["original_bytes"]))
+        table.add_column("stored", justify="right", footer=f"{human_bytes(totals['file_bytes'])} file")
+        table.add_column("bits/w", justify="right", footer=f"{totals['bits_per_weight']:.3f}")
+        table.add_column("details")
+        for row in summary["tensors"]:
+            table.add_row(
+                row["name"], row["codec"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"],
+                human_bytes(row["original_bytes"]), human_bytes(row["stored_bytes"]),
+                f"{row['bits_per_weight']:.3f}", _details(row),
+            )
+        console.print(table)
+        console.print(
+            f"{totals['parameters']:,} parameters; {human_bytes(totals['original_bytes'])} -> "
+            f"{human_bytes(totals['file_bytes'])} (ratio {totals['ratio']:.2f}x; "
+            f"header and padding {human_bytes(totals['overhead_bytes'])}); producer "
+            f"{summary['metadata'].get('producer', '?')}"
+        )
+
+    out.result(summary, render)

@@ -1,0 +1,23 @@
+"""Options shared by every command, defined once so their names and help never drift apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout (logs go to stderr).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and the result with --json).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors (also MLCOMPRESS_DEBUG=1).")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file if it exists.")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file.", dir_okay=False)]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+UnsafePickle = Annotated[
+    bool,
+    typer.Option(
+        "--unsafe-pickle",
+        help="Allow loading checkpoints that contain pickled Python objects. This can run arbitrary "
+        "code: only for files you trust.",
+    ),
+]

@@ -1,0 +1,148 @@
+"""Entropy coding of integer symbols: a self-describing stream over constriction's ANS coder.
+
+Why a wrapper: constriction is fast and exact, but easy to misuse (see docs/format.md, "Entropy
+stream"). Its ``Categorical`` model must get ``perfect=False`` explicitly; a float32 and a float64
+copy of one table give different bitstreams; decoding past the end silently returns zeros. This
+module fixes one convention so every codec gets it right:
+
+* the frequency table is stored as *exact integer counts* of the symbols actually present, and the
+  model probabilities are always ``counts / sum(counts)`` in float64 -- the same bits on every
+  machine;
+* the number of coded values is stored, and the decoded histogram must equal the stored counts
+  (a free integrity check on top of the container's CRC);
+* a stream with a single distinct symbol stores no ANS words at all.
+
+Stream layout (little-endian): ``u32 n_table``, ``i32 symbols[n_table]`` (strictly increasing),
+``u64 counts[n_table]`` (each >= 1), ``u64 n_values`` (= sum of counts), ``u32 n_words``,
+``u32 words[n_words]``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from mlcompress.errors import MrcFormatError
+
+_HEAD = struct.Struct("<I")
+_TAIL = struct.Struct("<QI")
+
+#: Largest alphabet a stream may declare. Bounds the table a decoder allocates before reading it.
+MAX_TABLE = 1 << 20
+
+
+def _categorical(counts: np.ndarray):
+    import constriction
+
+    probs = counts.astype(np.float64) / float(counts.sum())
+    return constriction.stream.model.Categorical(probs, perfect=False)
+
+
+def histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct values (sorted), each value's index among them, and their counts.
+
+    Same result as ``np.unique(..., return_inverse=True, return_counts=True)``, with a counting
+    fast path for small ranges (byte planes, quantization levels) that avoids a full sort.
+    """
+    values = np.asarray(values).reshape(-1)
+    if values.size == 0:
+        return values[:0].astype(np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo < (1 << 20):
+        shifted = (values.astype(np.int64) - lo) if lo else values.astype(np.int64, copy=False)
+        full = np.bincount(shifted, minlength=hi - lo + 1)
+        present = np.flatnonzero(full)
+        lookup = np.zeros(full.size, dtype=np.int64)
+        lookup[present] = np.arange(present.size)
+        return present + lo, lookup[shifted], full[present]
+    symbols, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return symbols, inverse.reshape(-1), counts
+
+
+def encode_symbols(values: np.ndarray) -> bytes:
+    """Entropy-code a 1-D array of integers (any int dtype whose values fit in int32)."""
+    import constriction
+
+    values = np.ascontiguousarray(values).reshape(-1)
+    if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
+        raise ValueError("entropy coder symbols must fit in int32")
+    symbols, inverse, counts = histogram(values)
+    if symbols.size > MAX_TABLE:
+        raise ValueError(f"alphabet of {symbols.size} symbols exceeds the limit of {MAX_TABLE}")
+    words = np.zeros(0, dtype=np.uint32)
+    if symbols.size > 1:
+        coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(inverse.astype(np.int32, copy=False).reshape(-1), _categorical(counts))
+        words = coder.get_compressed().astype("<u4", copy=False)
+    return b"".join(
+        (
+            _HEAD.pack(symbols.size),
+            symbols.astype("<i4").tobytes(),
+            counts.astype("<u8").tobytes(),
+            _TAIL.pack(int(values.size), words.size),
+            words.tobytes(),
+        )
+    )
+
+
+def decode_symbols(stream: bytes | memoryview, expected_count: int | None = None) -> np.ndarray:
+    """Decode a stream from :func:`encode_symbols` into an int32 array.
+
+    Validates the layout before allocating anything proportional to the declared sizes, and
+    raises :class:`MrcFormatError` on any inconsistency (also when ``expected_count`` is given and
+    differs from the stored count).
+    """
+    import constriction
+
+    view = memoryview(stream)
+    if len(view) < _HEAD.size:
+        raise MrcFormatError("entropy stream is truncated (no table size)")
+    (n_table,) = _HEAD.unpack_from(view, 0)
+    if n_table > MAX_TABLE:
+        raise MrcFormatError(f"entropy stream declares {n_table} symbols, above the limit {MAX_TABLE}")
+    pos = _HEAD.size
+    need = pos + 12 * n_table + _TAIL.size
+    if len(view) < need:
+        raise MrcFormatError("entropy stream is truncated (table)")
+    symbols = np.frombuffer(view, dtype="<i4", count=n_table, offset=pos).astype(np.int32)
+    pos += 4 * n_table
+    counts = np.frombuffer(view, dtype="<u8", count=n_table, offset=pos).astype(np.uint64)
+    pos += 8 * n_table
+    n_values, n_words = _TAIL.unpack_from(view, pos)
+    pos += _TAIL.size
+    if len(view) != pos + 4 * n_words:
+        raise MrcFormatError("entropy stream length does not match its declared word count")
+    if expected_count is not None and n_values != expected_count:
+        raise MrcFormatError(f"entropy stream holds {n_values} values, expected {expected_count}")
+    if n_table and (np.any(np.diff(symbols.astype(np.int64)) <= 0) or np.any(counts == 0)):
+        raise MrcFormatError("entropy stream table is not strictly increasing with positive counts")
+    if int(counts.sum(dtype=np.uint64)) != n_values or (n_values > 0) != (n_table > 0):
+        raise MrcFormatError("entropy stream counts do not add up to its value count")
+    if n_table <= 1:
+        if n_words:
+            raise MrcFormatError("entropy stream with one symbol must not carry coded words")
+        return np.full(n_values, symbols[0] if n_table else 0, dtype=np.int32)
+    words = np.frombuffer(view, dtype="<u4", count=n_words, offset=pos).astype(np.uint32)
+    coder = constriction.stream.stack.AnsCoder(words)
+    try:
+        index = coder.decode(_categorical(counts), int(n_values))
+    except (ValueError, AssertionError) as exc:
+        raise MrcFormatError(f"entropy stream cannot be decoded: {exc}") from None
+    if not coder.is_empty() or not np.array_equal(
+        np.bincount(index, minlength=n_table).astype(np.uint64), counts
+    ):
+        raise MrcFormatError("entropy stream decodes to a histogram other than its stored table")
+    return symbols[index]
+
+
+def coded_bits(values: np.ndarray) -> int:
+    """Size in bits of ``encode_symbols(values)``'s ANS words alone (no table) -- for reports."""
+    import constriction
+
+    symbols, inverse, counts = histogram(np.asarray(values).reshape(-1))
+    if symbols.size <= 1:
+        return 0
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(inverse.astype(np.int32).reshape(-1), _categorical(counts))
+    return int(coder.num_bits())
