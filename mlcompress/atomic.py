@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -42,14 +43,16 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
 
     Without ``force`` an existing destination is refused, both before writing and at the final
     step (a hard link cannot replace an existing name, so a file created meanwhile by someone
-    else is never clobbered). The temporary file is created with the usual umask-derived
-    permissions, so the result looks like any other file the user writes.
+    else is never clobbered). The result gets the usual umask-derived permissions, whatever the
+    writer did to the temporary file, so it looks like any other file the user writes.
     """
     dest = check_destination(path, force=force)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file as owner-only
         _fsync_file(tmp)
         if force:
             os.replace(tmp, dest)

@@ -1,0 +1,202 @@
+"""Checkpoint I/O: any common model file in, named tensors out; and named tensors back to disk.
+
+Everything in mlcompress works on ``dict[str, torch.Tensor]``. :func:`load_checkpoint` produces
+one from PyTorch state-dict files, safetensors, TorchScript archives, Hugging Face model
+directories and ``.mrc`` containers; :func:`save_checkpoint` writes one as safetensors or a
+``.pt`` state dict. Formats are recognised by their first bytes, not by their names, since
+extensions such as ``.bin`` and ``.pt`` are used for several formats; the extension only breaks
+ties when the content matches no known signature (then the reader for that extension reports
+what is wrong with the file).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Literal, Mapping
+
+import torch
+
+from mlcompress.atomic import atomic_output, check_destination
+from mlcompress.checkpoint.hf import find_weights, load_hf_directory
+from mlcompress.checkpoint.pickled import load_torch_file, load_torchscript
+from mlcompress.checkpoint.safetensors_file import (
+    ALIASES_KEY,
+    read_safetensors,
+    safetensors_payload,
+    write_safetensors,
+)
+from mlcompress.checkpoint.tied import restore_aliases, tied_groups
+from mlcompress.container import MAGIC as MRC_MAGIC
+from mlcompress.container import open_mrc, shared_storage_aliases
+from mlcompress.errors import CheckpointError
+
+__all__ = [
+    "ALIASES_KEY",
+    "CheckpointFormat",
+    "checkpoint_format",
+    "load_checkpoint",
+    "save_checkpoint",
+    "tied_groups",
+]
+
+CheckpointFormat = Literal["safetensors", "torch", "torchscript", "hf-dir", "mrc"]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # legacy torch.save files start with a protocol-2 pickle
+_BY_SUFFIX: dict[str, CheckpointFormat] = {
+    ".safetensors": "safetensors",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".bin": "torch",
+    ".ckpt": "torch",
+    ".mrc": "mrc",
+}
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def load_checkpoint(path: str | Path, *, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint at ``path``, by name, on the CPU.
+
+    Non-tensor entries (step counters, optimizer state, hyper-parameters) are dropped; tied
+    tensors come back as one shared tensor. ``unsafe_pickle`` allows full unpickling of PyTorch
+    files that the restricted unpickler refuses (see :mod:`mlcompress.checkpoint.pickled`);
+    it never affects other formats, none of which can run code.
+    """
+    source = Path(path)
+    kind = checkpoint_format(source)
+    if kind == "hf-dir":
+        return load_hf_directory(source, unsafe_pickle=unsafe_pickle)
+    if kind == "safetensors":
+        tensors, aliases = read_safetensors(source)
+        if not tensors:
+            raise CheckpointError(f"{source} holds no tensors")
+        return restore_aliases(tensors, aliases, source)
+    if kind == "torchscript":
+        return load_torchscript(source)
+    if kind == "mrc":
+        return dict(open_mrc(source).tensors())
+    return load_torch_file(source, unsafe_pickle=unsafe_pickle)
+
+
+def checkpoint_format(path: str | Path) -> CheckpointFormat:
+    """Which reader ``path`` needs, judged by content first and the extension second."""
+    source = Path(path)
+    if source.is_dir():
+        find_weights(source)  # raises if the directory holds no model weights
+        return "hf-dir"
+    if not source.exists():
+        raise CheckpointError(f"{source}: no such file or directory")
+    try:
+        size = source.stat().st_size
+        with source.open("rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise CheckpointError(f"{source} is empty")
+    detected = _format_from_content(source, head, size)
+    if detected is not None:
+        return detected
+    by_suffix = _BY_SUFFIX.get(source.suffix.lower())
+    if by_suffix is None:
+        raise CheckpointError(
+            f"{source}: unknown checkpoint format",
+            hint="expected a PyTorch state dict, safetensors, TorchScript, .mrc or a "
+            "Hugging Face model directory",
+        )
+    return by_suffix
+
+
+def _format_from_content(source: Path, head: bytes, size: int) -> CheckpointFormat | None:
+    if head.startswith(MRC_MAGIC):
+        return "mrc"
+    if head.startswith(_ZIP_MAGIC):
+        return "torchscript" if _is_torchscript_zip(source) else "torch"
+    if _is_safetensors_head(head, size):
+        return "safetensors"
+    if head.startswith(_PICKLE_PROTO):
+        return "torch"
+    return None
+
+
+def _is_safetensors_head(head: bytes, size: int) -> bool:
+    # safetensors: u64 little-endian header length, then a JSON object filling that many bytes.
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return 2 <= header_length <= size - 8 and head[8:9] == b"{"
+
+
+def _is_torchscript_zip(source: Path) -> bool:
+    # torch.jit.save archives carry the model's code; torch.save archives only data.pkl + data/.
+    try:
+        with zipfile.ZipFile(source) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False  # let torch.load report the damage
+    return any("/code/" in name or name.endswith("/constants.pkl") for name in names)
+
+
+def save_checkpoint(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | Path,
+    *,
+    force: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``tensors`` atomically to ``path``; the suffix picks the format.
+
+    ``.pt``, ``.pth`` and ``.bin`` get a plain ``torch.save`` state dict (which keeps tied
+    tensors shared by itself, and has no place for ``metadata``, which is therefore not
+    stored); any other suffix gets safetensors, with ``metadata`` in its header and tied
+    tensors stored once. Everything is validated before the file is created, and an existing
+    file is replaced only with ``force``.
+    """
+    dest = Path(path)
+    if dest.suffix.lower() == ".mrc":
+        raise CheckpointError(
+            f"{dest}: .mrc files are written by encoding",
+            hint="use mlcompress encode, or choose a .safetensors or .pt output",
+        )
+    _check_tensors(tensors)
+    check_destination(dest, force=force)
+    if dest.suffix.lower() in _TORCH_SUFFIXES:
+        payload = _torch_payload(tensors)
+        with atomic_output(dest, force=force) as tmp:
+            torch.save(payload, tmp)
+    else:
+        stored, header = safetensors_payload(tensors, metadata)
+        with atomic_output(dest, force=force) as tmp:
+            write_safetensors(stored, header, tmp)
+    return dest
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
+    if not tensors:
+        raise CheckpointError("no tensors to save")
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.device.type == "meta" or tensor.layout != torch.strided:
+            raise CheckpointError(
+                f"tensor {name!r} has no dense data to save ({tensor.device.type}, {tensor.layout})"
+            )
+
+
+def _torch_payload(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU tensors, aliases kept as one object so ``torch.save`` stores them once.
+
+    CPU tensors are passed as they are (views included, which torch.save preserves); a
+    device tensor is copied to the CPU once per tied group, not once per name.
+    """
+    aliases = shared_storage_aliases(tensors)
+    payload: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name in aliases:
+            payload[name] = payload[aliases[name]]
+        else:
+            payload[name] = tensor.detach().to("cpu")
+    return payload
