@@ -1,0 +1,1 @@
+"""Relative entropy coding (REC): reproducible candidates, block layout, encoder and decoder."""
