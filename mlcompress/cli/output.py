@@ -55,7 +55,7 @@ class Output:
     def progress(self, description: str, total: float | None) -> Iterator[Callable[[float], None]]:
         """A context giving ``advance(n)``; draws a bar on an interactive stderr only."""
         if not self.interactive:
-            yield lambda n=1: None
+            yield lambda n=1, rate=None: None
             return
         bar = Progress(
             TextColumn("{task.description}"),

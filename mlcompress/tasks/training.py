@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -99,3 +100,37 @@ def train_task_model(
         test=evaluate_model(task, model, device=dev),
         seconds=seconds,
     )
+
+
+def train_to_file(
+    task: Task,
+    output: str | Path,
+    *,
+    force: bool = False,
+    progress: TrainProgress | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Train a model of ``task`` (``options`` as for :func:`train_task_model`) and save its
+    state dict to ``output`` (``.pt`` or ``.safetensors``); returns a summary for reports.
+
+    The destination is checked before training so a bad path fails in a second, not after it.
+    """
+    from mlcompress.atomic import check_destination
+    from mlcompress.checkpoint import save_checkpoint
+
+    check_destination(output, force=force)
+    result = train_task_model(task, progress=progress, **options)
+    state = {name: tensor.detach().cpu() for name, tensor in result.model.state_dict().items()}
+    path = save_checkpoint(state, output, force=force, metadata={"mlcompress.task": task.name})
+    return {
+        "output": str(path),
+        "task": task.name,
+        "parameters": sum(t.numel() for t in state.values()),
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "train_loss": result.train_loss,
+        "test_loss": result.test.loss,
+        "metric_name": result.test.metric_name,
+        result.test.metric_name: result.test.metric,
+        "test_examples": result.test.examples,
+    }
