@@ -442,7 +442,7 @@ def _parse_header(path: Path, doc: Any) -> tuple[list[TensorRecord], int, dict]:
         shape = item.get("shape")
         _need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(s) and s >= 0 for s in shape),
               path, f"tensor {name!r} has an invalid shape")
-        _need(item.get("dtype") in _DTYPES, path, f"tensor {name!r} has unknown dtype {item.get('dtype')!r}")
+        _need(isinstance(item.get("dtype"), str) and item["dtype"] in _DTYPES, path, f"tensor {name!r} has unknown dtype {item.get('dtype')!r}")
         _need(isinstance(item.get("codec"), str), path, f"tensor {name!r} names no codec")
         _need(isinstance(item.get("params"), dict), path, f"tensor {name!r} has no codec params object")
         for key in ("offset", "length", "crc32"):
