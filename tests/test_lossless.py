@@ -1,0 +1,240 @@
+"""The ``lossless`` codec: bit-exact for every supported dtype, and it actually compresses.
+
+Equality is checked on bit patterns, never with ``==`` (NaN != NaN, -0.0 == 0.0), so a codec that
+canonicalised NaNs or lost the sign of zero would fail here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mlcompress import codecs
+from mlcompress.codecs.lossless import FIELDS
+from mlcompress.container import TensorRecord, dtype_name, open_mrc, write_mrc
+from mlcompress.errors import MrcFormatError
+
+CODEC = codecs.get("lossless")
+ALL_DTYPES = [
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+]
+FLOAT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def bit_pattern(t: torch.Tensor) -> bytes:
+    """The tensor's exact bytes (row-major), independent of its strides."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_bit_exact(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == ref.dtype
+    assert tuple(out.shape) == tuple(ref.shape)
+    assert bit_pattern(out) == bit_pattern(ref)
+
+
+def roundtrip(t: torch.Tensor) -> torch.Tensor:
+    """Encode and decode through the codec alone, validating the record as a reader would."""
+    payload, params = CODEC.encode(t.contiguous(), {})
+    rec = TensorRecord("t", tuple(t.shape), dtype_name(t.dtype), "lossless", params, 0, len(payload), 0)
+    CODEC.check(rec)
+    return CODEC.decode(bytes(payload), rec)
+
+
+def from_bits(words: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A float tensor holding exactly the given unsigned bit patterns."""
+    np_u = {torch.float64: np.uint64, torch.float32: np.uint32, torch.float16: np.uint16, torch.bfloat16: np.uint16}
+    np_i = {torch.float64: np.int64, torch.float32: np.int32, torch.float16: np.int16, torch.bfloat16: np.int16}
+    arr = np.array(words, dtype=np_u[dtype]).view(np_i[dtype])
+    return torch.from_numpy(arr.copy()).view(dtype)
+
+
+# Special bit patterns per float format: several distinct NaNs (quiet, signalling, negative, with
+# payload), +-Inf, +-0, the smallest and largest subnormals, the largest finite value and 1.0.
+SPECIALS = {
+    torch.float32: [0x7FC00000, 0x7F800001, 0xFFC00001, 0x7FFFFFFF, 0x7FA5A5A5,
+                    0x7F800000, 0xFF800000, 0x00000000, 0x80000000,
+                    0x00000001, 0x007FFFFF, 0x80000001, 0x7F7FFFFF, 0x3F800000],
+    torch.float64: [0x7FF8000000000000, 0x7FF0000000000001, 0xFFF8000000000001, 0x7FFFFFFFFFFFFFFF, 0x7FFA5A5A5A5A5A5A,
+                    0x7FF0000000000000, 0xFFF0000000000000, 0x0, 0x8000000000000000,
+                    0x1, 0x000FFFFFFFFFFFFF, 0x8000000000000001, 0x7FEFFFFFFFFFFFFF, 0x3FF0000000000000],
+    torch.float16: [0x7E00, 0x7C01, 0xFE01, 0x7FFF, 0x7D55,
+                    0x7C00, 0xFC00, 0x0000, 0x8000, 0x0001, 0x03FF, 0x8001, 0x7BFF, 0x3C00],
+    torch.bfloat16: [0x7FC0, 0x7F81, 0xFFC1, 0x7FFF, 0x7FA5,
+                     0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x007F, 0x8001, 0x7F7F, 0x3F80],
+}
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) < 0.3
+    info = torch.iinfo(dtype)
+    lo = info.min if dtype != torch.int64 else -(1 << 62)
+    hi = info.max if dtype != torch.int64 else (1 << 62)
+    return torch.randint(lo, hi, shape, generator=g, dtype=torch.int64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_random_values_roundtrip_bit_exact(dtype):
+    t = random_tensor(dtype, (37, 29))
+    assert_bit_exact(roundtrip(t), t)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_special_values_roundtrip_bit_exact(dtype):
+    special = from_bits(SPECIALS[dtype], dtype)
+    # Mixed into ordinary weights so the planes go through ANS (a stream of specials alone is
+    # small enough to be stored raw), and repeated so every special value is frequent.
+    t = torch.cat([random_tensor(dtype, (500,)), special.repeat(20), random_tensor(dtype, (500,), seed=1)])
+    payload, params = CODEC.encode(t, {})
+    assert any(p["mode"] == "ans" for p in params["planes"])
+    out = roundtrip(t)
+    assert_bit_exact(out, t)
+    # The distinct NaN payloads really are distinct and really survive.
+    nan_bits = {bytes(bit_pattern(x)) for x in out[500:500 + len(SPECIALS[dtype])] if torch.isnan(x.float())}
+    assert len(nan_bits) == 5
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_special_values_alone_roundtrip(dtype):
+    t = from_bits(SPECIALS[dtype], dtype)
+    assert_bit_exact(roundtrip(t), t)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool], ids=str)
+def test_integer_extremes_roundtrip(dtype):
+    if dtype == torch.bool:
+        t = torch.tensor([True, False, True, True] * 50)
+    else:
+        info = torch.iinfo(dtype)
+        t = torch.tensor([info.min, info.max, 0, -1 if info.min < 0 else 1, info.min + 1, info.max - 1] * 40, dtype=dtype)
+    assert_bit_exact(roundtrip(t), t)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0,), (3, 0), ()], ids=["empty", "3x0", "scalar"])
+def test_empty_and_scalar_roundtrip(dtype, shape):
+    t = random_tensor(dtype, shape, seed=3)
+    out = roundtrip(t)
+    assert_bit_exact(out, t)
+    assert out.dim() == len(shape)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_non_contiguous_input(dtype, tmp_path):
+    base = random_tensor(dtype, (24, 40), seed=5)
+    views = {"transposed": base.t(), "strided": base[::3, 1::2], "expanded": base[:1].expand(5, 40)}
+    for v in views.values():
+        assert not v.is_contiguous()
+    # Through the container, which is what users call; the tensors are neither copied nor shared.
+    write_mrc(tmp_path / "nc.mrc", views, lambda name, t: ("lossless", {}), {})
+    back = open_mrc(tmp_path / "nc.mrc").tensors()
+    for name, v in views.items():
+        assert_bit_exact(back[name], v)
+
+
+def test_constant_tensor_is_tiny():
+    t = torch.full((10_000,), 0.125, dtype=torch.float32)
+    payload, params = CODEC.encode(t, {})
+    assert len(payload) < 200
+    assert_bit_exact(roundtrip(t), t)
+
+
+def _ratio(t: torch.Tensor) -> float:
+    payload, _ = CODEC.encode(t, {})
+    return t.numel() * t.element_size() / len(payload)
+
+
+def test_compresses_trained_like_fp32_weights():
+    w = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 0.05
+    assert _ratio(w) > 1.1
+    assert_bit_exact(roundtrip(w), w)
+
+
+def test_compresses_trained_like_bf16_weights():
+    w = (torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 0.05).bfloat16()
+    assert _ratio(w) > 1.35
+    assert_bit_exact(roundtrip(w), w)
+
+
+def test_uniform_random_bytes_cost_almost_nothing_extra():
+    # Incompressible planes are stored raw, so the payload is at most a few bytes larger.
+    t = torch.randint(0, 256, (50_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    payload, params = CODEC.encode(t, {})
+    assert params["planes"] == [{"mode": "raw", "length": 50_000}]
+    assert len(payload) == 50_000
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_fields_cover_every_bit_exactly_once(dtype):
+    # The plane split must be a bijection on bit patterns: each bit in exactly one field.
+    name = dtype_name(dtype)
+    bits = 8 * torch.empty(0, dtype=dtype).element_size()
+    covered = [0] * bits
+    for field in FIELDS[name]:
+        for shift, width in field:
+            for b in range(shift, shift + width):
+                covered[b] += 1
+    assert covered == [1] * bits
+
+
+def _record(t: torch.Tensor, params: dict, length: int) -> TensorRecord:
+    return TensorRecord("w", tuple(t.shape), dtype_name(t.dtype), "lossless", params, 0, length, 0)
+
+
+def test_check_rejects_wrong_plane_count():
+    t = random_tensor(torch.float32, (100,))
+    payload, params = CODEC.encode(t, {})
+    bad = {"planes": params["planes"][:-1]}
+    with pytest.raises(MrcFormatError, match="planes, dtype float32 has 4"):
+        CODEC.check(_record(t, bad, len(payload)))
+
+
+def test_check_rejects_raw_plane_of_wrong_size():
+    t = random_tensor(torch.float32, (100,))
+    payload, params = CODEC.encode(t, {})
+    planes = [dict(p) for p in params["planes"]]
+    raw = next(p for p in planes if p["mode"] == "raw")
+    raw["length"] += 1
+    with pytest.raises(MrcFormatError, match="raw plane size does not match its shape"):
+        CODEC.check(_record(t, {"planes": planes}, len(payload) + 1))
+
+
+def test_check_rejects_plane_lengths_not_adding_up():
+    t = random_tensor(torch.float32, (100,))
+    payload, params = CODEC.encode(t, {})
+    with pytest.raises(MrcFormatError, match="plane lengths do not add up"):
+        CODEC.check(_record(t, params, len(payload) + 64))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"planes": 3}, {"planes": [], "extra": 1},
+     {"planes": [{"mode": "zip", "length": 1}] * 4},
+     {"planes": [{"mode": "ans", "length": -1}] * 4},
+     {"planes": [{"mode": "ans", "length": True}] * 4}],
+    ids=["missing", "not-list", "extra-key", "bad-mode", "negative", "bool-length"],
+)
+def test_check_rejects_malformed_params(params):
+    t = random_tensor(torch.float32, (10,))
+    with pytest.raises(MrcFormatError, match="lossless tensor 'w'"):
+        CODEC.check(_record(t, params, 40))
+
+
+def test_decode_rejects_plane_value_outside_its_field():
+    # An ANS plane whose symbols exceed the field width (a crafted stream with a valid CRC) must
+    # not silently set bits of a neighbouring field.
+    from mlcompress import entropy
+
+    t = torch.zeros(8, dtype=torch.float16)
+    exp_plane = entropy.encode_symbols(np.array([0, 40, 0, 0, 0, 0, 0, 0]))  # 40 > 5-bit field
+    planes = [{"mode": "ans", "length": len(exp_plane)}, {"mode": "raw", "length": 8}, {"mode": "raw", "length": 8}]
+    payload = exp_plane + bytes(16)
+    rec = _record(t, {"planes": planes}, len(payload))
+    CODEC.check(rec)
+    with pytest.raises(MrcFormatError, match="outside its bit field"):
+        CODEC.decode(payload, rec)
