@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -191,7 +194,7 @@ def test_format_is_detected_by_content_not_name(tmp_path: Path) -> None:
     assert_same(load_checkpoint(tmp_path / "really_torch.safetensors"), tensors)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torchscript_archive_parameters_and_buffers(tmp_path: Path) -> None:
     model = tiny_model().eval()
     torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
@@ -361,6 +364,48 @@ def test_truncated_files_raise_checkpoint_error(tmp_path: Path, suffix: str) -> 
         with pytest.raises(CheckpointError) as info:
             load_checkpoint(damaged)
         assert "\n" not in info.value.one_line()
+
+
+@pytest.fixture(scope="module")
+def valid_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """One small valid file per readable format, as bytes to damage."""
+    folder = tmp_path_factory.mktemp("valid")
+    model = tiny_model().eval()
+    state = dict(model.state_dict())
+    torch.save(state, folder / "zip.pt")
+    torch.save(state, folder / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(state, str(folder / "st.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
+        torch.jit.script(model).save(str(folder / "ts.pt"))
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from(["zip.pt", "legacy.pt", "st.safetensors", "ts.pt"]),
+    position=st.floats(0, 1, exclude_max=True),
+    bit=st.integers(0, 7),
+    truncate=st.booleans(),
+)
+def test_damaged_files_load_or_raise_checkpoint_error(
+    valid_files: dict[str, bytes], tmp_path: Path, name: str, position: float, bit: int, truncate: bool
+) -> None:
+    # PyTorch itself does not check the zip CRCs and can abort the process on a damaged
+    # TorchScript archive; load_checkpoint must turn every such file into a CheckpointError.
+    data = bytearray(valid_files[name])
+    index = int(position * len(data))
+    if truncate:
+        data = data[: max(index, 1)]
+    else:
+        data[index] ^= 1 << bit
+    damaged = tmp_path / name
+    damaged.write_bytes(bytes(data))
+    try:
+        tensors = load_checkpoint(damaged)
+    except CheckpointError:
+        return
+    assert tensors and all(isinstance(t, torch.Tensor) for t in tensors.values())
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from mlcompress.atomic import atomic_output, check_destination
 from mlcompress.checkpoint.hf import find_weights, load_hf_directory
-from mlcompress.checkpoint.pickled import load_torch_file, load_torchscript
+from mlcompress.checkpoint.pickled import ZIP_MAGIC, load_torch_file, load_torchscript
 from mlcompress.checkpoint.safetensors_file import (
     ALIASES_KEY,
     read_safetensors,
@@ -42,7 +42,6 @@ __all__ = [
 
 CheckpointFormat = Literal["safetensors", "torch", "torchscript", "hf-dir", "mrc"]
 
-_ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"  # legacy torch.save files start with a protocol-2 pickle
 _BY_SUFFIX: dict[str, CheckpointFormat] = {
     ".safetensors": "safetensors",
@@ -111,7 +110,7 @@ def checkpoint_format(path: str | Path) -> CheckpointFormat:
 def _format_from_content(source: Path, head: bytes, size: int) -> CheckpointFormat | None:
     if head.startswith(MRC_MAGIC):
         return "mrc"
-    if head.startswith(_ZIP_MAGIC):
+    if head.startswith(ZIP_MAGIC):
         return "torchscript" if _is_torchscript_zip(source) else "torch"
     if _is_safetensors_head(head, size):
         return "safetensors"
@@ -133,7 +132,7 @@ def _is_torchscript_zip(source: Path) -> bool:
     try:
         with zipfile.ZipFile(source) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError):  # ValueError: garbled entry names
         return False  # let torch.load report the damage
     return any("/code/" in name or name.endswith("/constants.pkl") for name in names)
 
