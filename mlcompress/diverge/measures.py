@@ -1,0 +1,199 @@
+"""Per-position divergences between two next-token (or class) distributions given as logits.
+
+Why this shape: a language model's logits for one batch are ``[positions x vocab]``; turning them
+into probabilities, mixtures and differences all at once would hold several such float32 arrays
+(GiBs for a 50k-token vocabulary and a few thousand positions). Everything here therefore walks
+the positions in row blocks and the vocabulary in column chunks, in two passes: the first finds
+each row's log-normaliser (a streaming logsumexp) and argmax, the second accumulates the sums that
+make up each divergence. Only O(rows x chunk) temporaries ever exist.
+
+All quantities are computed in log space (log-softmax via the normaliser, the JS mixture via
+softplus of the log-ratio, i.e. ``log m = log p + log 2 - softplus(log q - log p)``, which is the
+two-term logsumexp written relative to ``log p`` so that nearly equal distributions do not cancel).
+Units are nats throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mlcompress.errors import InputError
+
+LOG2 = math.log(2.0)
+
+# Elements per temporary in the second pass; 2^18 float32 = 1 MiB keeps a chunk in cache.
+DEFAULT_BLOCK_ELEMENTS = 1 << 18
+DEFAULT_VOCAB_CHUNK = 4096
+
+
+@dataclass
+class TokenMeasures:
+    """Measures for each scored position (1-D tensors of equal length, on the logits' device).
+
+    ``kl`` is KL(ref || cmp), the headline; ``rkl`` is KL(cmp || ref); ``js`` the Jensen-Shannon
+    divergence (bounded by log 2); ``tv`` total variation (bounded by 1); ``same_top`` whether both
+    argmaxes agree. ``ref_logp``/``cmp_logp`` are the log-probabilities of the observed target
+    token (None when no targets were given).
+    """
+
+    kl: torch.Tensor
+    rkl: torch.Tensor
+    js: torch.Tensor
+    tv: torch.Tensor
+    same_top: torch.Tensor
+    ref_logp: torch.Tensor | None = None
+    cmp_logp: torch.Tensor | None = None
+
+    def to(self, device: str | torch.device) -> "TokenMeasures":
+        """A copy with every tensor moved to ``device`` (e.g. to collect results on the CPU)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TokenMeasures(*(move(getattr(self, f)) for f in _FIELDS))
+
+    @staticmethod
+    def cat(parts: list["TokenMeasures"]) -> "TokenMeasures":
+        """Concatenate measures of consecutive batches."""
+        if not parts:
+            empty = torch.zeros(0)
+            return TokenMeasures(empty, empty, empty, empty, torch.zeros(0, dtype=torch.bool))
+        out = []
+        for f in _FIELDS:
+            values = [getattr(p, f) for p in parts]
+            out.append(None if any(v is None for v in values) else torch.cat(values))
+        return TokenMeasures(*out)
+
+
+_FIELDS = ("kl", "rkl", "js", "tv", "same_top", "ref_logp", "cmp_logp")
+
+
+def check_finite(logits: torch.Tensor, who: str) -> None:
+    """Refuse NaN/inf logits: every divergence built on them would be meaningless."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(dim=-1).nonzero()[0, 0]) if logits.dim() > 1 else 0
+        raise InputError(
+            f"the {who} model produced non-finite logits (NaN or inf) at scored position {bad}",
+            hint="check the checkpoint for damaged weights or run on another --device",
+        )
+
+
+def log_normaliser(
+    logits: torch.Tensor, vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise ``(max, log sum exp(logits - max), argmax)`` of ``[rows, vocab]`` logits by chunks.
+
+    The log-normaliser is returned as two parts on purpose: forming ``max + log_sum`` rounds to
+    the precision of a number of size ``max`` (about 1e-6 for logits near 10 in float32), and
+    that rounding would leak into every log-probability and show up as a spurious KL of that size
+    between identical-but-differently-chunked computations. Keeping the parts apart lets callers
+    subtract them one after the other, so each log-probability is rounded only at its own size.
+    """
+    maxes, sums, best_idx = None, None, None
+    for start in range(0, logits.shape[-1], vocab_chunk):
+        part = _as_float(logits[:, start : start + vocab_chunk])
+        part_max, part_idx = part.max(dim=-1)
+        part_sum = (part - part_max.unsqueeze(-1)).exp_().sum(-1)
+        part_idx = part_idx + start
+        if maxes is None:
+            maxes, sums, best_idx = part_max, part_sum, part_idx
+            continue
+        better = part_max > maxes  # strict: ties keep the lowest index, like argmax
+        new_max = torch.where(better, part_max, maxes)
+        sums = sums * torch.exp(maxes - new_max) + part_sum * torch.exp(part_max - new_max)
+        best_idx = torch.where(better, part_idx, best_idx)
+        maxes = new_max
+    return maxes, torch.log(sums), best_idx
+
+
+def token_measures(
+    ref_logits: torch.Tensor,
+    cmp_logits: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> TokenMeasures:
+    """Divergences between the distributions ``softmax(ref_logits)`` and ``softmax(cmp_logits)``.
+
+    ``ref_logits``/``cmp_logits``: ``[positions, vocab]`` (any float dtype; half precision is
+    promoted to float32, float64 stays float64). ``targets``: optional ``[positions]`` observed
+    token ids, for the log-likelihoods and delta-p. Log-probabilities are valid logits, so the
+    seed's worked examples are ``token_measures(P.log(), Q.log())``.
+    """
+    if ref_logits.shape != cmp_logits.shape or ref_logits.dim() != 2:
+        raise InputError(
+            f"reference logits {tuple(ref_logits.shape)} and compared logits "
+            f"{tuple(cmp_logits.shape)} must both be [positions, vocab] of equal shape"
+        )
+    if vocab_chunk < 1 or block_elements < 1:
+        raise ValueError("vocab_chunk and block_elements must be positive")
+    check_finite(ref_logits, "reference")
+    check_finite(cmp_logits, "compared")
+    rows, vocab = ref_logits.shape
+    block_rows = max(1, block_elements // min(vocab_chunk, max(vocab, 1)))
+    parts = []
+    for r0 in range(0, rows, block_rows):
+        sl = slice(r0, r0 + block_rows)
+        tgt = None if targets is None else targets[sl]
+        parts.append(_block_measures(ref_logits[sl], cmp_logits[sl], tgt, vocab_chunk))
+    if not parts:
+        z = ref_logits.new_zeros(0, dtype=_as_float(ref_logits[:0]).dtype)
+        zt = None if targets is None else z
+        return TokenMeasures(z, z, z, z, torch.zeros(0, dtype=torch.bool), zt, zt)
+    return TokenMeasures.cat(parts)
+
+
+def _block_measures(
+    x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None, vocab_chunk: int
+) -> TokenMeasures:
+    max_x, lsum_x, top_x = log_normaliser(x, vocab_chunk)
+    max_y, lsum_y, top_y = log_normaliser(y, vocab_chunk)
+    kl = torch.zeros_like(max_x)
+    rkl = torch.zeros_like(max_x)
+    tv = torch.zeros_like(max_x)
+    mix = torch.zeros_like(max_x)
+    # log p - log q = (x - y) - shift, with the shift formed from small differences only.
+    shift = ((max_x - max_y) + (lsum_x - lsum_y)).unsqueeze(-1)
+    max_x, lsum_x = max_x.unsqueeze(-1), lsum_x.unsqueeze(-1)
+    max_y, lsum_y = max_y.unsqueeze(-1), lsum_y.unsqueeze(-1)
+    for start in range(0, x.shape[-1], vocab_chunk):
+        cx = _as_float(x[:, start : start + vocab_chunk])
+        cy = _as_float(y[:, start : start + vocab_chunk])
+        p = (cx - max_x).sub_(lsum_x).exp_()
+        q = (cy - max_y).sub_(lsum_y).exp_()
+        d = (cx - cy).sub_(shift)  # log p - log q
+        kl += _rowdot(p, d)
+        rkl -= _rowdot(q, d)
+        # log p - log m = log 2 - softplus(log q - log p), m = (p + q) / 2; kept elementwise so
+        # that nearly equal distributions sum small terms instead of cancelling large ones.
+        a = torch.nn.functional.softplus(d.neg_()).neg_().add_(LOG2)
+        mix += _rowdot(p + q, a)
+        tv += p.sub_(q).abs_().sum(-1)
+    # JS = 1/2 sum p (log p - log m) + 1/2 sum q (log q - log m); log q - log m = a - d,
+    # so JS = 1/2 (sum (p + q) a - sum q d) = 1/2 (mix + rkl).
+    js = 0.5 * (mix + rkl)
+    # Each quantity is non-negative and bounded in exact arithmetic; rounding can step a hair
+    # outside, which would only confuse gates and percentiles.
+    out = TokenMeasures(
+        kl=kl.clamp_(min=0.0),
+        rkl=rkl.clamp_(min=0.0),
+        js=js.clamp_(0.0, LOG2),
+        tv=(0.5 * tv).clamp_(0.0, 1.0),
+        same_top=top_x == top_y,
+    )
+    if targets is not None:
+        idx = targets.to(device=x.device, dtype=torch.long).unsqueeze(-1)
+        out.ref_logp = ((_as_float(x.gather(-1, idx)) - max_x) - lsum_x).squeeze(-1)
+        out.cmp_logp = ((_as_float(y.gather(-1, idx)) - max_y) - lsum_y).squeeze(-1)
+    return out
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product as one batched GEMV: no [rows, chunk] product temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    """Half/bfloat16 logits lose too much in exp/log; compute in float32 (float64 stays)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
