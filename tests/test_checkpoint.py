@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -157,6 +159,24 @@ def test_pickled_module_inside_a_dict_needs_the_flag(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="--unsafe-pickle"):
         load_checkpoint(tmp_path / "ckpt.pt")
     assert_same(load_checkpoint(tmp_path / "ckpt.pt", unsafe_pickle=True), dict(model.state_dict()))
+
+
+def test_cli_refuses_pickled_module_without_the_flag(tmp_path: Path) -> None:
+    torch.save(tiny_model(), tmp_path / "whole.pt")
+    command = [sys.executable, "-m", "mlcompress", "encode", str(tmp_path / "whole.pt"), "--lossless"]
+    refused = subprocess.run(command, capture_output=True, text=True, env=cli_env())
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: ") and "--unsafe-pickle" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "whole.mrc").exists()
+    accepted = subprocess.run(command + ["--unsafe-pickle"], capture_output=True, text=True, env=cli_env())
+    assert accepted.returncode == 0, accepted.stderr
+    assert_same(load_checkpoint(tmp_path / "whole.mrc"), dict(tiny_model().state_dict()))
+
+
+def cli_env() -> dict[str, str]:
+    """The caller's environment without MLCOMPRESS_DEBUG, which would add a traceback."""
+    return {k: v for k, v in os.environ.items() if k != "MLCOMPRESS_DEBUG"}
 
 
 # --------------------------------------------------------------------------------------------
