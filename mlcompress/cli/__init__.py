@@ -47,6 +47,7 @@ from mlcompress.cli import encode as _encode  # noqa: E402,F401
 from mlcompress.cli import decode as _decode  # noqa: E402,F401
 from mlcompress.cli import inspect as _inspect  # noqa: E402,F401
 from mlcompress.cli import train as _train  # noqa: E402,F401
+from mlcompress.cli import diverge as _diverge  # noqa: E402,F401
 
 
 def _debug_wanted(argv: list[str]) -> bool:

@@ -125,12 +125,12 @@ def compare_lms(
     settings: LmSettings,
     *,
     progress: Progress | None = None,
-    on_ref_window: Callable[[Window, torch.Tensor], None] | None = None,
+    on_ref_window: Callable[[Window, torch.Tensor, TokenMeasures], None] | None = None,
 ) -> LmComparison:
     """Run both models over every window and measure each scored position.
 
-    ``on_ref_window(window, ref_rows)`` receives the reference's scored logit rows of each window
-    (used to build a reference cache while comparing).
+    ``on_ref_window(window, ref_rows, measures)`` receives the reference's scored logit rows of
+    each window and their measures (used to build a reference cache while comparing).
     """
     if ref.vocab_size is not None and cmp.vocab_size is not None:
         check_vocab(ref.vocab_size, cmp.vocab_size, settings.shared_vocab)
@@ -157,9 +157,9 @@ def compare_lms(
             targets = window.ids[window.first :].to(rows_ref.device)
             m = _window_measures(rows_ref, rows_cmp, targets, vocab)
             parts.append(m.to("cpu"))
-            _add_likelihood(lls, window, m)
+            add_likelihood(lls, window, m)
             if on_ref_window is not None:
-                on_ref_window(window, rows_ref)
+                on_ref_window(window, rows_ref, m)
             n_windows += 1
         sync(ref.device)
         t_forward += t1 - t0
@@ -191,7 +191,8 @@ def _window_measures(
     return m
 
 
-def _add_likelihood(lls: dict[int, SequenceLikelihood], window: Window, m: TokenMeasures) -> None:
+def add_likelihood(lls: dict[int, SequenceLikelihood], window: Window, m: TokenMeasures) -> None:
+    """Add one window's scored log-likelihoods to its document's totals."""
     entry = lls.setdefault(window.doc, SequenceLikelihood(window.doc, 0, 0.0, 0.0))
     entry.tokens += window.n_scored
     entry.ref += float(m.ref_logp.double().sum())

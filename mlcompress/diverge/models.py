@@ -122,14 +122,6 @@ def load_pair(
     """Load both sides; a weights-only side borrows its architecture from ``arch`` or the other."""
     kinds = {"ref": model_kind(ref), "cmp": model_kind(cmp)}
     paths = {"ref": Path(ref), "cmp": Path(cmp)}
-    arch_path = Path(arch) if arch is not None else None
-    if arch_path is not None:
-        arch_kind = model_kind(arch_path)
-        if arch_kind == "weights":
-            raise UsageError(
-                f"--arch {arch_path} holds weights only",
-                hint="--arch must be a model directory or a TorchScript file",
-            )
     loaded: dict[str, LanguageModel] = {}
     for side in ("ref", "cmp"):
         if kinds[side] != "weights":
@@ -137,8 +129,8 @@ def load_pair(
     for side, other in (("ref", "cmp"), ("cmp", "ref")):
         if kinds[side] != "weights":
             continue
-        if arch_path is not None:
-            template = _load_full(arch_path, model_kind(arch_path), device, unsafe_pickle)
+        if arch is not None:
+            template = _arch_template(arch, device, unsafe_pickle)
         elif other in loaded:
             template = loaded[other]
         else:
@@ -150,6 +142,38 @@ def load_pair(
         tensors = load_checkpoint(paths[side], unsafe_pickle=unsafe_pickle)
         loaded[side] = _with_weights(template, tensors, paths[side], device)
     return loaded["ref"], loaded["cmp"]
+
+
+def load_one(
+    spec: str | Path,
+    *,
+    arch: str | Path | None = None,
+    device: torch.device,
+    unsafe_pickle: bool = False,
+) -> LanguageModel:
+    """One model on its own (used when a reference cache stands in for the other side)."""
+    path = Path(spec)
+    kind = model_kind(path)
+    if kind != "weights":
+        return _load_full(path, kind, device, unsafe_pickle)
+    if arch is None:
+        raise UsageError(
+            f"{path} holds weights only, so its architecture is unknown",
+            hint="pass the reference model too, or --arch MODEL_DIR",
+        )
+    template = _arch_template(arch, device, unsafe_pickle)
+    return _with_weights(template, load_checkpoint(path, unsafe_pickle=unsafe_pickle), path, device)
+
+
+def _arch_template(arch: str | Path, device: torch.device, unsafe_pickle: bool) -> LanguageModel:
+    path = Path(arch)
+    kind = model_kind(path)
+    if kind == "weights":
+        raise UsageError(
+            f"--arch {path} holds weights only",
+            hint="--arch must be a model directory, a TorchScript file or a task name",
+        )
+    return _load_full(path, kind, device, unsafe_pickle)
 
 
 def _load_full(path: Path, kind: str, device: torch.device, unsafe_pickle: bool) -> LanguageModel:

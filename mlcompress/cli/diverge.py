@@ -1,0 +1,84 @@
+"""``mlcompress diverge``: how far a compressed model drifts from its reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+from rich.console import Console
+
+from mlcompress.cli import app, options
+from mlcompress.cli.output import Output
+from mlcompress.errors import GateFailed, UsageError
+
+
+@app.command()
+def diverge(
+    models: Annotated[List[Path], typer.Argument(help="REF CMP: model directories, TorchScript or weights files (.pt, .safetensors, .mrc). With --ref-logits, CMP alone.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluation data: .jsonl (text field or input_ids) or a plain text file; for --arch TASK, the task's data directory.")] = None,
+    field: Annotated[str, typer.Option("--field", help="JSON field holding the text in --data .jsonl.")] = "text",
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="tokenizer.json or a directory holding a tokenizer (default: the model directory's).")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Window length in tokens (default 512, capped at the model's context).")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts (default: --ctx).")] = None,
+    score: Annotated[str, typer.Option("--score", help="second-half (llama.cpp style) or all.")] = "second-half",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows (or sequences) per forward pass.")] = 4,
+    mode: Annotated[str, typer.Option("--mode", help="data, sample (sequences drawn from REF) or exact (all sequences, tiny vocabularies).")] = "data",
+    samples: Annotated[int, typer.Option("--samples", help="--mode sample: number of sequences.")] = 100,
+    length: Annotated[int, typer.Option("--length", help="--mode sample/exact: sequence length L.")] = 32,
+    bos: Annotated[Optional[int], typer.Option("--bos", help="--mode sample/exact: begin-of-sequence token id (default: from the model).")] = None,
+    save_ref: Annotated[Optional[Path], typer.Option("--save-ref", help="Also save the reference's top-k log-probs to this file.", dir_okay=False)] = None,
+    ref_logits: Annotated[Optional[Path], typer.Option("--ref-logits", help="Use a reference cache written by --save-ref instead of running REF.", dir_okay=False)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="--save-ref: log-probs kept per position (plus one tail bucket).")] = 64,
+    fail_above: Annotated[Optional[List[str]], typer.Option("--fail-above", help="NAME=VALUE: exit 3 if the measure exceeds VALUE (repeatable), e.g. kl=0.05.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the per-position KL histogram to this image (needs matplotlib).", dir_okay=False)] = None,
+    shared_vocab: Annotated[bool, typer.Option("--shared-vocab", help="Compare models with different vocabulary sizes over their shared prefix.")] = False,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture for weights-only files: a model directory, a TorchScript file, or a task (lenet5, mlp-digits).")] = None,
+    seed: options.Seed = 0,
+    device: options.Device = "auto",
+    unsafe_pickle: options.UnsafePickle = False,
+    force: options.Force = False,
+    json: options.Json = False,
+    quiet: options.Quiet = False,
+    debug: options.Debug = False,
+) -> None:
+    """Measure the divergence of CMP from REF: KL, JS, flips, perplexity; gate it for CI."""
+    from mlcompress.diverge.compare import DivergeOptions
+    from mlcompress.diverge.compare import diverge as run_diverge
+    from mlcompress.diverge.report import check_gates, parse_gates, render
+
+    if len(models) == 2:
+        ref, cmp = models
+    elif len(models) == 1 and ref_logits is not None:
+        ref, cmp = None, models[0]
+    else:
+        raise UsageError(
+            f"expected REF and CMP, got {len(models)} model argument(s)",
+            hint="mlcompress diverge ref_model cmp_model --data val.jsonl (or CMP --ref-logits F)",
+        )
+    gates = parse_gates(fail_above or [])
+    out = Output(json, quiet)
+    opts = DivergeOptions(
+        data=data, field=field, tokenizer=tokenizer, ctx=ctx, stride=stride, score=score,
+        batch_size=batch_size, device=device, mode=mode, samples=samples, length=length, bos=bos,
+        seed=seed, save_ref=save_ref, ref_logits=ref_logits, top_k=top_k,
+        shared_vocab=shared_vocab, arch=arch, unsafe_pickle=unsafe_pickle, force=force,
+    )
+    with out.progress("scoring", total=None) as advance:
+        result = run_diverge(ref, cmp, opts, progress=lambda n, total: advance(n))
+    report = result.report
+    if plot is not None:
+        if "kl" not in result.per_token:
+            raise UsageError("--plot draws per-position KL, which --mode sample/exact do not produce")
+        from mlcompress.diverge.plot import plot_kl_histogram
+
+        plot_kl_histogram(result.per_token["kl"], plot, title=f"{report['cmp']} vs {report['ref']}", force=force)
+        report["plot"] = str(plot)
+    failed: GateFailed | None = None
+    try:
+        check_gates(report, gates)
+    except GateFailed as exc:
+        failed = exc  # print the report first: CI logs should show what failed and by how much
+    out.result(report, lambda console: render(report, console))
+    if failed is not None:
+        raise failed
