@@ -9,7 +9,7 @@ the cumulative count with a kernel of half-width ``delta``:
 where ``K`` rises from 0 at ``-delta`` to 1 at ``+delta`` (``linear``; ``triangle``, the CDF of a
 triangular density; ``cos``, ``0.5 - 0.5 cos(pi (x + delta) / (2 delta))``, the default). As
 ``delta -> 0`` the soft counts become the hard histogram of ``round(c)`` and the estimate
-``R = -sum_j log2 p(round(c_j))`` becomes exactly ``N * H(histogram)``, the size a static-table
+``R = -sum_q n_q log2(n_q / N)`` (soft counts ``n_q``) becomes exactly ``N * H(histogram)``, the size a static-table
 coder approaches.
 
 Cost: each ``c_j`` only touches the bins within ``delta + 1/2`` of it, so the counts are a
@@ -85,20 +85,26 @@ def rate_bits(
     kernel: str = "cos",
     delta: float | None = None,
     resolution: int = DEFAULT_RESOLUTION,
-    eps: float = 1e-9,
 ) -> torch.Tensor:
     """Differentiable estimate of the bits needed to code ``round(c)`` with its own static table.
 
-    ``R = -sum_j log2 p(round(c_j))`` with ``p`` from :func:`soft_counts`.
+    ``R = -sum_q n_q log2(n_q / N)`` with ``n_q`` the soft counts of :func:`soft_counts`: the soft
+    histogram's entropy times N. Why the soft counts on both sides: with the hard counts in front
+    (``-sum_j log2 p(round(c_j))``) the gradient of a cross-entropy at its own distribution is zero
+    along the simplex, so moving mass between bins would get no signal; the soft entropy's
+    gradient is ``log2(p_from / p_to)`` per unit of mass moved, i.e. weights are pulled towards
+    populous levels, which is what makes the range coder's output shrink.
     """
     flat = c.reshape(-1)
     if flat.numel() == 0:
         return flat.new_zeros(())
     d = default_delta(flat, resolution) if delta is None else float(delta)
-    counts, lo = soft_counts(flat, d, kernel)
+    counts, _ = soft_counts(flat, d, kernel)
+    counts = counts.clamp_min(0.0)
     p = counts / flat.numel()
-    idx = torch.round(flat.detach()).to(torch.int64) - lo
-    return -(torch.log2(p[idx] + eps)).sum()
+    # 0 log 0 = 0; the where keeps the gradient finite at empty bins
+    logp = torch.log2(torch.where(counts > 0, p, torch.ones_like(p)))
+    return -(counts * logp).sum()
 
 
 def hard_entropy_bits(levels: torch.Tensor) -> float:
