@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from bitexact import assert_bit_exact, bit_pattern
+
 from mlcompress import codecs
 from mlcompress.codecs.lossless import FIELDS
 from mlcompress.container import TensorRecord, dtype_name, open_mrc, write_mrc
@@ -21,17 +23,6 @@ ALL_DTYPES = [
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
 ]
 FLOAT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-
-
-def bit_pattern(t: torch.Tensor) -> bytes:
-    """The tensor's exact bytes (row-major), independent of its strides."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def assert_bit_exact(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.dtype == ref.dtype
-    assert tuple(out.shape) == tuple(ref.shape)
-    assert bit_pattern(out) == bit_pattern(ref)
 
 
 def roundtrip(t: torch.Tensor) -> torch.Tensor:
