@@ -17,6 +17,15 @@ def test_layout_is_a_partition(numel, blocks):
     assert torch.equal(mat[mat >= 0].sort().values, torch.arange(numel))
 
 
+@pytest.mark.parametrize("numel", [1, 2, 3, 5, 64, 1000, 4097, 99_999])
+def test_position_of_inverts_flat_index(numel):
+    lay = BlockLayout(numel, 1, seed=3)
+    flat = lay.flat_index()
+    pos = lay.position_of()
+    assert torch.equal(flat[pos], torch.arange(numel))
+    assert torch.equal(pos[flat], torch.arange(numel))
+
+
 def test_layout_reproducible_and_seeded():
     a = BlockLayout(5000, 10, seed=1).flat_index()
     assert torch.equal(a, BlockLayout(5000, 10, seed=1).flat_index())
@@ -51,4 +60,4 @@ def test_bad_layouts():
         BlockLayout(5, 1, -1)
 
 
-LAYOUT_VECTOR = [3, 2, 6, 7, 8, 1, 5, 9, 0, 4]
+LAYOUT_VECTOR = [9, 7, 2, 8, 0, 1, 6, 3, 4, 5]

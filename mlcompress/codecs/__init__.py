@@ -76,4 +76,4 @@ def _load_builtin() -> None:
 
 
 # Modules under mlcompress/codecs/ that register a codec when imported.
-_BUILTIN: tuple[str, ...] = ("raw", "lossless", "quant")
+_BUILTIN: tuple[str, ...] = ("raw", "lossless", "quant", "rec")

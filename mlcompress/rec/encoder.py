@@ -169,8 +169,12 @@ def _chunk_size(num_candidates: int, dim: int, group: int) -> int:
 
 def _features(seed: int, k0: int, k1: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     codes = candidate_codes(seed, torch.arange(k0, k1, dtype=torch.int64, device=device), dim)
+    flat = codes.contiguous().view(-1)
     table, table_sq = normal_table(device)
-    return table_sq[codes], table[codes]
+    return (
+        torch.index_select(table_sq, 0, flat).view(codes.shape),
+        torch.index_select(table, 0, flat).view(codes.shape),
+    )
 
 
 def select_candidates(

@@ -10,9 +10,9 @@ So the layout is a keyed pseudo-random *bijection* of positions, evaluated per i
   consecutive positions from ``start_b``, sizes ``numel // B`` plus one for the first
   ``numel % B`` blocks. Slot ``j`` of block ``b`` is position ``start_b + j``.
 * Position ``p`` maps to the flat (row-major) weight index ``perm(p)``: a 4-round Feistel network
-  on the mixed-radix domain ``[0, A) x [0, R)`` (``A = ceil(sqrt(numel))``, ``R = ceil(numel /
-  A)``), each round adding a keyed table lookup modulo the side's size, and cycle-walking the few
-  values that land in ``[numel, A*R)``. Round tables come from :mod:`mlcompress.rec.counter`, so
+  on the mixed-radix domain ``[0, A) x [0, R)`` (``R = 2^m``, ``m = ceil(bits(numel - 1) / 2)``,
+  ``A = ceil(numel / R)``), each round adding a keyed table lookup modulo the side's size, and
+  cycle-walking the few values that land in ``[numel, A*R)``. Round tables come from :mod:`mlcompress.rec.counter`, so
   this is bit-identical everywhere. The exact recipe (with test vectors) is in docs/format.md.
 
 Luby-Rackoff: four Feistel rounds with independent random round functions give a pseudo-random
@@ -21,7 +21,6 @@ permutation, which is all blocks need (each block a random sample of the tensor)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +51,8 @@ class BlockLayout:
             raise ValueError(
                 f"BlockLayout: num_blocks must be in [1, numel={self.numel}], got {self.num_blocks}"
             )
+        if self.numel >= 1 << 31:
+            raise ValueError(f"BlockLayout: at most 2^31 - 1 weights per tensor, got {self.numel}")
         if not 0 <= self.seed < 1 << 64:
             raise ValueError(f"BlockLayout: seed must be in [0, 2^64), got {self.seed}")
 
@@ -75,60 +76,81 @@ class BlockLayout:
         return b * base + torch.clamp(b, max=extra)
 
     # -- the permutation ---------------------------------------------------------------------
-    def _sides(self) -> tuple[int, int]:
-        a = math.isqrt(self.numel - 1) + 1  # ceil(sqrt(numel))
-        r = -(-self.numel // a)
-        return a, r
+    def _sides(self) -> tuple[int, int, int]:
+        """``(A, m, R = 2^m)``: positions are split as ``x = left * R + right``, ``left < A``."""
+        m = ((self.numel - 1).bit_length() + 1) // 2
+        r = 1 << m
+        return -(-self.numel // r), m, r
 
     def _tables(self, device: torch.device | str) -> list[torch.Tensor]:
-        """Round tables: round t adds ``table_t[other side]`` modulo its own side's size."""
-        a, r = self._sides()
+        """int32 round tables: even rounds add ``T[right] mod A`` to the left, odd rounds
+        ``T[left] mod R`` to the right; ``T_t[v] = fmix32(row(t) ^ col(v))`` under the layout key."""
+        a, _, r = self._sides()
         key = stream_key(self.seed, STREAM_LAYOUT)
         tables = []
         for t in range(FEISTEL_ROUNDS):
-            # Even rounds update the left (size a) from the right (size r), odd rounds the reverse.
             other, modulus = (r, a) if t % 2 == 0 else (a, r)
             rows = row_hash(key, torch.tensor([t], dtype=torch.int64, device=device))
             cols = col_hash(key, torch.arange(other, dtype=torch.int64, device=device))
-            tables.append(fmix32(rows ^ cols) % modulus)
+            tables.append((fmix32(rows ^ cols) % modulus).to(torch.int32))
         return tables
 
-    def _feistel(self, x: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor:
-        a, r = self._sides()
-        left = torch.div(x, r, rounding_mode="floor")
-        right = x - left * r
-        for t, table in enumerate(tables):
+    def _feistel(self, x: torch.Tensor, tables: list[torch.Tensor], inverse: bool = False) -> torch.Tensor:
+        """One pass of the (inverse) Feistel network on int32 values in ``[0, A*R)``."""
+        a, m, r = self._sides()
+        left = x >> m
+        right = x.bitwise_and(r - 1)
+        rounds = list(enumerate(tables))
+        for t, table in reversed(rounds) if inverse else rounds:
             if t % 2 == 0:
-                left = left + table[right]
-                left = torch.where(left >= a, left - a, left)
+                step = torch.index_select(table, 0, right)
+                if inverse:
+                    left.sub_(step)
+                else:
+                    left.add_(step).sub_(a)
+                left.add_((left >> 31).bitwise_and_(a))  # back into [0, A) without a branch
             else:
-                right = right + table[left]
-                right = torch.where(right >= r, right - r, right)
-        return left * r + right
+                step = torch.index_select(table, 0, left)
+                (right.sub_(step) if inverse else right.add_(step)).bitwise_and_(r - 1)
+        return left.bitwise_left_shift_(m).bitwise_or_(right)
+
+    def _walk(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        tables = self._tables(x.device)
+        y = self._feistel(x.to(torch.int32), tables, inverse)
+        outside = y >= self.numel
+        # Cycle walking: fewer than R ~ sqrt(numel) values start outside [0, numel), and each
+        # step leaves with probability >= numel / (A * R); the loop ends after a few steps.
+        while bool(outside.any()):
+            idx = outside.nonzero().squeeze(1)
+            walked = self._feistel(y[idx], tables, inverse)
+            y[idx] = walked
+            outside[idx] = walked >= self.numel
+        return y.to(torch.int64)
+
+    def _positions(self, positions: torch.Tensor | None, device: torch.device | str) -> torch.Tensor:
+        if positions is None:
+            return torch.arange(self.numel, dtype=torch.int32, device=device)
+        return positions.to(device=device)
 
     def flat_index(
         self, positions: torch.Tensor | None = None, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """Flat weight index of each position (default: all positions, in block order).
+        """Flat weight index (int64) of each position (default: all positions, in block order).
 
-        int64, same shape as ``positions``. Computing a subset gives the same values as
-        computing all and indexing: each position is mapped on its own.
+        Computing a subset gives the same values as computing all and indexing: each position
+        is mapped on its own.
         """
-        if positions is None:
-            positions = torch.arange(self.numel, dtype=torch.int64, device=device)
-        else:
-            positions = positions.to(device=device, dtype=torch.int64)
-        tables = self._tables(positions.device)
-        y = self._feistel(positions, tables)
-        outside = y >= self.numel
-        # Cycle walking: fewer than sqrt(numel) values start outside, and each walk step leaves
-        # with probability >= numel / (A * R); the loop ends after a few steps in practice.
-        while bool(outside.any()):
-            idx = outside.nonzero().squeeze(1)
-            walked = self._feistel(y[idx], tables)
-            y[idx] = walked
-            outside[idx] = walked >= self.numel
-        return y
+        return self._walk(self._positions(positions, device), inverse=False)
+
+    def position_of(
+        self, flat: torch.Tensor | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Inverse of :meth:`flat_index`: the position (int64) of each flat weight index.
+
+        The decoder uses it to *gather* weights into place (``out = by_position[position_of()]``),
+        which is several times faster than scattering them through :meth:`flat_index`.
+        """
+        return self._walk(self._positions(flat, device), inverse=True)
 
     def block_index_matrix(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """int64 ``[num_blocks, max_block_size]``: flat index of slot ``j`` of block ``b``.

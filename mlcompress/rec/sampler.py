@@ -35,6 +35,7 @@ from mlcompress.rec.counter import (
     MASK32,
     STREAM_CANDIDATES,
     col_hash,
+    from_int32,
     grid_hash,
     row_hash,
     stream_key,
@@ -84,25 +85,28 @@ def normal_table(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torc
 
 
 def candidate_codes(seed: int, k: torch.Tensor, dim: int) -> torch.Tensor:
-    """int64 ``[len(k), dim]``: the 16-bit table code of coordinate ``j`` of candidate ``k``.
+    """int32 ``[len(k), dim]``: the 16-bit table code of coordinate ``j`` of candidate ``k``.
 
-    Computed on ``k``'s device; the codes are exact integers, equal everywhere.
+    Computed on ``k``'s device; the codes are exact integers, equal everywhere. (Coordinates
+    past ``dim`` in the last pair are computed and dropped: a shorter candidate is a prefix.)
     """
     key = stream_key(seed, STREAM_CANDIDATES)
     pairs = (dim + 1) // 2
     rows = row_hash(key, k)
     cols = col_hash(key, torch.arange(pairs, dtype=torch.int64, device=k.device))
     h = grid_hash(rows, cols)
-    codes = torch.empty((k.shape[0], pairs, 2), dtype=torch.int64, device=k.device)
-    torch.bitwise_right_shift(h, TABLE_BITS, out=codes[:, :, 0])
+    codes = torch.empty((k.shape[0], pairs, 2), dtype=torch.int32, device=k.device)
+    torch.bitwise_and(h >> TABLE_BITS, _LOW_MASK, out=codes[:, :, 0])
     torch.bitwise_and(h, _LOW_MASK, out=codes[:, :, 1])
-    return codes.view(k.shape[0], 2 * pairs)[:, :dim]
+    codes = codes.view(k.shape[0], 2 * pairs)
+    return codes if dim == 2 * pairs else codes[:, :dim]
 
 
 def candidates(seed: int, k: torch.Tensor, dim: int) -> torch.Tensor:
     """float32 ``[len(k), dim]``: standard normal candidates ``z_k`` (first ``dim`` coordinates)."""
     table, _ = normal_table(k.device)
-    return table[candidate_codes(seed, k, dim)]
+    codes = candidate_codes(seed, k, dim).contiguous()
+    return torch.index_select(table, 0, codes.view(-1)).view(codes.shape)
 
 
 def candidate_weights(z: torch.Tensor, nu: torch.Tensor | float, rho: torch.Tensor | float) -> torch.Tensor:
@@ -121,5 +125,5 @@ def uniforms(seed: int, stream: int, a: torch.Tensor, b: torch.Tensor) -> torch.
     Used for the encoder's selection randomness (never by the decoder).
     """
     key = stream_key(seed, stream)
-    h = grid_hash(row_hash(key, a), col_hash(key, b))
+    h = from_int32(grid_hash(row_hash(key, a), col_hash(key, b)))
     return (h.to(torch.float64) + 0.5) * (1.0 / (MASK32 + 1))
