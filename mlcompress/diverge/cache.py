@@ -35,13 +35,19 @@ from mlcompress.diverge.data import Window, batches, pad_batch
 from mlcompress.diverge.lm import (
     LmComparison,
     SequenceLikelihood,
-    add_likelihood,
+    add_likelihoods,
     check_ids,
     safe_logits,
-    scored_rows,
+    scored_index,
     sync,
 )
-from mlcompress.diverge.measures import TokenMeasures, log_normaliser, token_measures
+from mlcompress.diverge.measures import (
+    TokenMeasures,
+    check_finite,
+    log_normaliser,
+    row_blocks,
+    token_measures,
+)
 from mlcompress.diverge.models import LanguageModel
 from mlcompress.errors import InputError
 
@@ -66,17 +72,25 @@ class RefCacheWriter:
         self.target_logp: list[torch.Tensor] = []
         self.vocab: int | None = None
 
-    def add(self, window: Window, ref_rows: torch.Tensor, measures: TokenMeasures) -> None:
-        vocab = ref_rows.shape[-1]
+    def add_batch(
+        self, batch: list[Window], ref_flat: torch.Tensor, rows: torch.Tensor, measures: TokenMeasures
+    ) -> None:
+        """Keep the top-k buckets of the scored rows of one batch (hook for compare_lms)."""
+        vocab = ref_flat.shape[-1]
         self.vocab = vocab
         k = min(self.top_k, vocab - 1)  # keep a non-empty tail so every bucket has mass > 0
-        ids, logp, tail = top_k_buckets(ref_rows, k)
-        self.ids.append(window.ids.to(torch.int32))
-        self.first.append(window.first)
-        self.doc.append(window.doc)
-        self.topk_ids.append(ids.to(torch.int32).cpu())
-        self.topk_logp.append(logp.float().cpu())
-        self.tail_logp.append(tail.float().cpu())
+        rows = rows.to(ref_flat.device)
+        starts = row_blocks(rows.numel(), vocab)
+        for r0 in starts:
+            block = ref_flat.index_select(0, rows[r0 : r0 + starts.step])
+            ids, logp, tail = top_k_buckets(block, k)
+            self.topk_ids.append(ids.to(torch.int32).cpu())
+            self.topk_logp.append(logp.float().cpu())
+            self.tail_logp.append(tail.float().cpu())
+        for w in batch:
+            self.ids.append(w.ids.to(torch.int32))
+            self.first.append(w.first)
+            self.doc.append(w.doc)
         self.target_logp.append(measures.ref_logp.float().cpu())
 
     def save(self, path: str | Path, metadata: dict[str, Any], *, force: bool = False) -> Path:
@@ -206,7 +220,8 @@ def coarse_measures(
     cmp_rows: torch.Tensor,
     targets: torch.Tensor,
 ) -> TokenMeasures:
-    """Divergences between the cached reference buckets and the compared model coarsened alike."""
+    """Divergences between the cached reference buckets and the compared model coarsened alike
+    (``cmp_rows``: the compared model's logits for the same positions, one row each)."""
     dev = cmp_rows.device
     topk_ids, topk_logp = topk_ids.to(dev).long(), topk_logp.to(dev)
     mx, lsum, top = log_normaliser(cmp_rows)
@@ -237,7 +252,7 @@ def compare_with_cache(
     check_ids(cache.ids, cmp.vocab_size, "compared", str(cache.path))
     parts: list[TokenMeasures] = []
     lls: dict[int, SequenceLikelihood] = {}
-    row0 = 0
+    done = 0  # scored positions consumed from the cache so far
     t_forward = t_measures = 0.0
     n_windows = 0
     for batch in batches(iter(cache.windows()), batch_size):
@@ -252,22 +267,29 @@ def compare_with_cache(
                 f"{cache.vocab}",
                 hint="a reference cache compares models with identical vocabularies",
             )
-        for row, window in enumerate(batch):
-            rows = scored_rows(logits, row, window)
-            sl = slice(row0, row0 + window.n_scored)
-            m = coarse_measures(
-                cache.topk_ids[sl], cache.topk_logp[sl], cache.tail_logp[sl],
-                cache.target_logp[sl], rows, window.ids[window.first :],
-            ).to("cpu")
-            parts.append(m)
-            add_likelihood(lls, window, m)
-            row0 += window.n_scored
-            n_windows += 1
+        flat = logits.reshape(-1, logits.shape[-1])
+        rows, targets = scored_index(batch, ids.shape[1])
+        rows = rows.to(flat.device)
+        starts = row_blocks(rows.numel(), flat.shape[-1])
+        for r0 in starts:
+            sl = slice(done + r0, done + min(r0 + starts.step, rows.numel()))
+            block = flat.index_select(0, rows[r0 : r0 + starts.step])
+            check_finite(block, "compared", r0)
+            parts.append(
+                coarse_measures(
+                    cache.topk_ids[sl], cache.topk_logp[sl], cache.tail_logp[sl],
+                    cache.target_logp[sl], block, targets[r0 : r0 + starts.step],
+                ).to("cpu")
+            )
+        batch_m = TokenMeasures.cat(parts[len(parts) - len(starts):])
+        add_likelihoods(lls, batch, batch_m)
+        done += rows.numel()
+        n_windows += len(batch)
         sync(cmp.device)
         t_forward += t1 - t0
         t_measures += time.perf_counter() - t1
         if progress is not None:
-            progress(sum(w.n_scored for w in batch))
+            progress(int(rows.numel()))
     comp = LmComparison(
         measures=TokenMeasures.cat(parts),
         sequences=[lls[k] for k in sorted(lls)],

@@ -159,7 +159,7 @@ def _data_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeResult:
     comp = compare_lms(
         ref_model, cmp_model, documents, settings,
         progress=_progress_for(progress, None),
-        on_ref_window=writer.add if writer is not None else None,
+        on_ref_batch=writer.add_batch if writer is not None else None,
     )
     report = lm_report(comp, ref=str(ref), cmp=str(cmp), settings=_settings(o, settings, tokenizer))
     if writer is not None:
@@ -208,6 +208,7 @@ def _cached_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeResult
     from mlcompress.diverge.report import lm_report, per_token_arrays
 
     cache = load_ref_cache(o.ref_logits)
+    sources = []
     if ref is not None:
         # The reference is not run: it only lends its architecture (and is checked against the
         # cache, so that a cache made with another model cannot be used by mistake).
@@ -217,9 +218,10 @@ def _cached_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeResult
                 f"{o.ref_logits} was made with a different reference model than {ref}",
                 hint="rebuild the cache with --save-ref, or give the reference it was made with",
             )
+        sources.append(ref_model)
     else:
         cmp_model = load_one(cmp, arch=o.arch, device=device, unsafe_pickle=o.unsafe_pickle)
-    tokenizer = find_tokenizer(o.tokenizer, cmp_model)
+    tokenizer = find_tokenizer(o.tokenizer, *sources, cmp_model)
     cached_tok = cache.metadata.get("tokenizer_fingerprint", "")
     if tokenizer is not None and cached_tok and tokenizer.fingerprint != cached_tok:
         raise InputError(

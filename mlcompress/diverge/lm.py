@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from mlcompress.diverge.data import Document, Window, batches, pad_batch, windows
-from mlcompress.diverge.measures import TokenMeasures, token_measures
+from mlcompress.diverge.measures import TokenMeasures, target_log_probs, token_measures
 from mlcompress.diverge.models import LanguageModel
 from mlcompress.errors import InputError
 
@@ -106,9 +106,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def scored_rows(logits: torch.Tensor, row: int, window: Window) -> torch.Tensor:
-    """Rows of ``logits`` that predict the window's scored targets (a view, no copy)."""
-    return logits[row, window.first - 1 : window.ids.numel() - 1]
+def scored_index(batch: list[Window], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat row indices (into ``[batch * width, vocab]`` logits) predicting each window's scored
+    targets, and those targets; windows in order, so results split back by ``n_scored``."""
+    rows, targets = [], []
+    for b, w in enumerate(batch):
+        rows.append(torch.arange(b * width + w.first - 1, b * width + w.ids.numel() - 1))
+        targets.append(w.ids[w.first :])
+    return torch.cat(rows), torch.cat(targets)
 
 
 def all_windows(documents: Iterable[Document], settings: LmSettings) -> Iterator[Window]:
@@ -125,12 +130,13 @@ def compare_lms(
     settings: LmSettings,
     *,
     progress: Progress | None = None,
-    on_ref_window: Callable[[Window, torch.Tensor, TokenMeasures], None] | None = None,
+    on_ref_batch: Callable[[list[Window], torch.Tensor, torch.Tensor, TokenMeasures], None]
+    | None = None,
 ) -> LmComparison:
     """Run both models over every window and measure each scored position.
 
-    ``on_ref_window(window, ref_rows, measures)`` receives the reference's scored logit rows of
-    each window and their measures (used to build a reference cache while comparing).
+    ``on_ref_batch(windows, ref_flat_logits, rows, measures)`` sees each batch's reference logits,
+    the scored row indices and their measures (used to build a reference cache while comparing).
     """
     if ref.vocab_size is not None and cmp.vocab_size is not None:
         check_vocab(ref.vocab_size, cmp.vocab_size, settings.shared_vocab)
@@ -151,21 +157,21 @@ def compare_lms(
         t1 = time.perf_counter()
         if vocab is None:
             vocab = check_vocab(ref_logits.shape[-1], cmp_logits.shape[-1], settings.shared_vocab)
-        for row, window in enumerate(batch):
-            rows_ref = scored_rows(ref_logits, row, window)
-            rows_cmp = scored_rows(cmp_logits, row, window)
-            targets = window.ids[window.first :].to(rows_ref.device)
-            m = _window_measures(rows_ref, rows_cmp, targets, vocab)
-            parts.append(m.to("cpu"))
-            add_likelihood(lls, window, m)
-            if on_ref_window is not None:
-                on_ref_window(window, rows_ref, m)
-            n_windows += 1
+        ref_flat = ref_logits.reshape(-1, ref_logits.shape[-1])
+        cmp_flat = cmp_logits.reshape(-1, cmp_logits.shape[-1])
+        rows, targets = scored_index(batch, ids.shape[1])
+        m = _batch_measures(ref_flat, cmp_flat, rows, targets, vocab)
+        if on_ref_batch is not None:
+            on_ref_batch(batch, ref_flat, rows, m)
+        m = m.to("cpu")
+        parts.append(m)
+        add_likelihoods(lls, batch, m)
+        n_windows += len(batch)
         sync(ref.device)
         t_forward += t1 - t0
         t_measures += time.perf_counter() - t1
         if progress is not None:
-            progress(sum(w.n_scored for w in batch))
+            progress(int(rows.numel()))
     return LmComparison(
         measures=TokenMeasures.cat(parts),
         sequences=[lls[k] for k in sorted(lls)],
@@ -178,22 +184,28 @@ def compare_lms(
     )
 
 
-def _window_measures(
-    rows_ref: torch.Tensor, rows_cmp: torch.Tensor, targets: torch.Tensor, vocab: int
+def _batch_measures(
+    ref_flat: torch.Tensor, cmp_flat: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, vocab: int
 ) -> TokenMeasures:
     """Divergences over the compared vocabulary; likelihoods under each model's own full one."""
-    if rows_ref.shape[-1] == vocab and rows_cmp.shape[-1] == vocab:
-        return token_measures(rows_ref, rows_cmp, targets)
-    m = token_measures(rows_ref[:, :vocab], rows_cmp[:, :vocab])
-    idx = targets.unsqueeze(-1)
-    m.ref_logp = (rows_ref.gather(-1, idx).squeeze(-1).float() - rows_ref.float().logsumexp(-1))
-    m.cmp_logp = (rows_cmp.gather(-1, idx).squeeze(-1).float() - rows_cmp.float().logsumexp(-1))
+    targets = targets.to(ref_flat.device)
+    if ref_flat.shape[-1] == vocab and cmp_flat.shape[-1] == vocab:
+        return token_measures(ref_flat, cmp_flat, targets, rows=rows)
+    m = token_measures(ref_flat[:, :vocab], cmp_flat[:, :vocab], rows=rows)
+    m.ref_logp = target_log_probs(ref_flat, rows, targets)
+    m.cmp_logp = target_log_probs(cmp_flat, rows, targets)
     return m
 
 
-def add_likelihood(lls: dict[int, SequenceLikelihood], window: Window, m: TokenMeasures) -> None:
-    """Add one window's scored log-likelihoods to its document's totals."""
-    entry = lls.setdefault(window.doc, SequenceLikelihood(window.doc, 0, 0.0, 0.0))
-    entry.tokens += window.n_scored
-    entry.ref += float(m.ref_logp.double().sum())
-    entry.cmp += float(m.cmp_logp.double().sum())
+def add_likelihoods(
+    lls: dict[int, SequenceLikelihood], batch: list[Window], m: TokenMeasures
+) -> None:
+    """Add each window's scored log-likelihoods to its document's totals."""
+    sizes = [w.n_scored for w in batch]
+    ref_sums = m.ref_logp.double().split(sizes)
+    cmp_sums = m.cmp_logp.double().split(sizes)
+    for w, r, c in zip(batch, ref_sums, cmp_sums):
+        entry = lls.setdefault(w.doc, SequenceLikelihood(w.doc, 0, 0.0, 0.0))
+        entry.tokens += w.n_scored
+        entry.ref += float(r.sum())
+        entry.cmp += float(c.sum())

@@ -68,12 +68,13 @@ class TokenMeasures:
 _FIELDS = ("kl", "rkl", "js", "tv", "same_top", "ref_logp", "cmp_logp")
 
 
-def check_finite(logits: torch.Tensor, who: str) -> None:
+def check_finite(logits: torch.Tensor, who: str, offset: int = 0) -> None:
     """Refuse NaN/inf logits: every divergence built on them would be meaningless."""
     if not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).any(dim=-1).nonzero()[0, 0]) if logits.dim() > 1 else 0
         raise InputError(
-            f"the {who} model produced non-finite logits (NaN or inf) at scored position {bad}",
+            f"the {who} model produced non-finite logits (NaN or inf) at measured position "
+            f"{offset + bad}",
             hint="check the checkpoint for damaged weights or run on another --device",
         )
 
@@ -111,15 +112,18 @@ def token_measures(
     cmp_logits: torch.Tensor,
     targets: torch.Tensor | None = None,
     *,
+    rows: torch.Tensor | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> TokenMeasures:
     """Divergences between the distributions ``softmax(ref_logits)`` and ``softmax(cmp_logits)``.
 
     ``ref_logits``/``cmp_logits``: ``[positions, vocab]`` (any float dtype; half precision is
-    promoted to float32, float64 stays float64). ``targets``: optional ``[positions]`` observed
-    token ids, for the log-likelihoods and delta-p. Log-probabilities are valid logits, so the
-    seed's worked examples are ``token_measures(P.log(), Q.log())``.
+    promoted to float32, float64 stays float64). ``rows``: optional int64 indices of the positions
+    to measure, so a caller can score a scattered subset of a batch's logits without copying them
+    (only one row block is ever gathered). ``targets``: optional observed token ids, one per
+    measured position, for the log-likelihoods and delta-p. Log-probabilities are valid logits,
+    so the seed's worked examples are ``token_measures(P.log(), Q.log())``.
     """
     if ref_logits.shape != cmp_logits.shape or ref_logits.dim() != 2:
         raise InputError(
@@ -128,15 +132,21 @@ def token_measures(
         )
     if vocab_chunk < 1 or block_elements < 1:
         raise ValueError("vocab_chunk and block_elements must be positive")
-    check_finite(ref_logits, "reference")
-    check_finite(cmp_logits, "compared")
-    rows, vocab = ref_logits.shape
-    block_rows = max(1, block_elements // min(vocab_chunk, max(vocab, 1)))
+    n = ref_logits.shape[0] if rows is None else rows.numel()
+    if rows is not None:
+        rows = rows.to(ref_logits.device)
+    block_rows = max(1, block_elements // min(vocab_chunk, max(ref_logits.shape[1], 1)))
     parts = []
-    for r0 in range(0, rows, block_rows):
-        sl = slice(r0, r0 + block_rows)
-        tgt = None if targets is None else targets[sl]
-        parts.append(_block_measures(ref_logits[sl], cmp_logits[sl], tgt, vocab_chunk))
+    for r0 in range(0, n, block_rows):
+        if rows is None:
+            x, y = ref_logits[r0 : r0 + block_rows], cmp_logits[r0 : r0 + block_rows]
+        else:
+            idx = rows[r0 : r0 + block_rows]
+            x, y = ref_logits.index_select(0, idx), cmp_logits.index_select(0, idx)
+        check_finite(x, "reference", r0)
+        check_finite(y, "compared", r0)
+        tgt = None if targets is None else targets[r0 : r0 + block_rows]
+        parts.append(_block_measures(x, y, tgt, vocab_chunk))
     if not parts:
         z = ref_logits.new_zeros(0, dtype=_as_float(ref_logits[:0]).dtype)
         zt = None if targets is None else z
@@ -187,6 +197,26 @@ def _block_measures(
         out.ref_logp = ((_as_float(x.gather(-1, idx)) - max_x) - lsum_x).squeeze(-1)
         out.cmp_logp = ((_as_float(y.gather(-1, idx)) - max_y) - lsum_y).squeeze(-1)
     return out
+
+
+def row_blocks(n: int, vocab: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> range:
+    """Start offsets of row blocks holding about ``block_elements`` logits each."""
+    return range(0, n, max(1, block_elements // max(1, min(DEFAULT_VOCAB_CHUNK, vocab))))
+
+
+def target_log_probs(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits[rows])[targets], gathering one row block at a time (float32+)."""
+    rows = rows.to(logits.device)
+    targets = targets.to(logits.device, torch.long)
+    out = []
+    starts = row_blocks(rows.numel(), logits.shape[-1])
+    step = starts.step
+    for r0 in starts:
+        block = logits.index_select(0, rows[r0 : r0 + step])
+        mx, lsum, _ = log_normaliser(block)
+        picked = _as_float(block.gather(-1, targets[r0 : r0 + step].unsqueeze(-1))).squeeze(-1)
+        out.append((picked - mx) - lsum)
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
