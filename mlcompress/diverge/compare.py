@@ -148,7 +148,7 @@ def _data_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeResult:
     ref_model, cmp_model = load_pair(
         ref, cmp, arch=o.arch, device=device, unsafe_pickle=o.unsafe_pickle
     )
-    tokenizer = find_tokenizer(o.tokenizer, ref_model, cmp_model)
+    tokenizer = find_tokenizer(o.tokenizer, ref_model, cmp_model, _arch_dir(o.arch))
     ctx = _context(o.ctx, ref_model.max_positions, cmp_model.max_positions)
     settings = LmSettings(
         ctx=ctx, stride=o.stride, score=o.score, batch_size=o.batch_size,
@@ -177,6 +177,10 @@ def _data_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeResult:
         )
         report["saved_ref"] = str(o.save_ref)
     return DivergeResult(report, per_token_arrays(comp.measures))
+
+
+def _arch_dir(arch: str | None) -> Path | None:
+    return Path(arch) if arch is not None and Path(arch).is_dir() else None
 
 
 def _context(requested: int | None, *limits: int | None) -> int:
@@ -221,7 +225,7 @@ def _cached_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeResult
         sources.append(ref_model)
     else:
         cmp_model = load_one(cmp, arch=o.arch, device=device, unsafe_pickle=o.unsafe_pickle)
-    tokenizer = find_tokenizer(o.tokenizer, *sources, cmp_model)
+    tokenizer = find_tokenizer(o.tokenizer, *sources, cmp_model, _arch_dir(o.arch))
     cached_tok = cache.metadata.get("tokenizer_fingerprint", "")
     if tokenizer is not None and cached_tok and tokenizer.fingerprint != cached_tok:
         raise InputError(
@@ -270,7 +274,7 @@ def _sequence_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeResu
     if bos is None:
         bos = ref_model.bos_token_id
     if bos is None:
-        tok = find_tokenizer(o.tokenizer, ref_model, cmp_model)
+        tok = find_tokenizer(o.tokenizer, ref_model, cmp_model, _arch_dir(o.arch))
         bos = tok.bos_token_id if tok else None
     if bos is None:
         raise UsageError(

@@ -372,15 +372,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def find_tokenizer(
-    explicit: str | Path | None, *models: LanguageModel
+    explicit: str | Path | None, *candidates: LanguageModel | Path | None
 ) -> Tokenizer | None:
-    """``--tokenizer`` if given, else the first model directory that holds a tokenizer."""
+    """``--tokenizer`` if given, else the first model directory that holds a tokenizer
+    (candidates are loaded models or directories, e.g. ``--arch``)."""
     if explicit is not None:
         return load_tokenizer(explicit)
-    for model in models:
-        d = model.directory
-        if d is not None and any(
-            (d / name).is_file() for name in (TOKENIZER_FILE, "vocab.json", "tokenizer.model")
+    for candidate in candidates:
+        d = candidate.directory if isinstance(candidate, LanguageModel) else candidate
+        if d is not None and Path(d).is_dir() and any(
+            (Path(d) / name).is_file() for name in (TOKENIZER_FILE, "vocab.json", "tokenizer.model")
         ):
             return load_tokenizer(d)
     return None
