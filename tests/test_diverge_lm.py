@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from diverge_threads import one_thread  # noqa: E402,F401  (autouse fixture)
 from mlcompress.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from mlcompress.cli import main  # noqa: E402
 from mlcompress.container import write_mrc  # noqa: E402
@@ -59,15 +60,6 @@ def noisy(tensors: dict[str, torch.Tensor], scale: float, seed: int = 0) -> dict
     for name, t in tensors.items():
         out[name] = t + scale * t.std() * torch.randn(t.shape, generator=g) if t.dim() > 1 else t.clone()
     return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: thread hand-offs cost more than the work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
