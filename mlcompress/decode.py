@@ -19,6 +19,7 @@ def decode_file(
     dst: str | os.PathLike | None = None,
     *,
     force: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Decode every tensor of ``src`` and save them to ``dst`` (default: ``src`` as .safetensors).
 
@@ -34,7 +35,10 @@ def decode_file(
         raise InputError(f"cannot write {dst.name}: unknown output format", hint="use .safetensors or .pt")
     check_destination(dst, force=force)
     mrc = open_mrc(src)
-    tensors = mrc.tensors()
+    from mlcompress.codecs.rec import decode_device
+
+    with decode_device(device):  # where REC candidates are regenerated; same bits everywhere
+        tensors = mrc.tensors()
     save_checkpoint(tensors, dst, force=force)
     return {
         "output": str(dst),

@@ -17,6 +17,7 @@ def decode(
     container: Annotated[Path, typer.Argument(help="A .mrc file.")],
     output: options.Output = None,
     force: options.Force = False,
+    device: options.Device = "auto",
     json: options.Json = False,
     quiet: options.Quiet = False,
     debug: options.Debug = False,
@@ -25,7 +26,7 @@ def decode(
     from mlcompress.decode import decode_file
 
     out = Output(json, quiet)
-    summary = decode_file(container, output, force=force)
+    summary = decode_file(container, output, force=force, device=device)
 
     def render(console: Console) -> None:
         console.print(

@@ -17,7 +17,9 @@ a data-free posterior; a whole model is better encoded jointly by
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -31,6 +33,24 @@ from mlcompress.rec.payload import INDEX_CODINGS, decode_indices, fixed_payload_
 _PARAMS = ("bits", "blocks", "seed", "layout_seed", "prior_mean", "prior_std", "selection",
            "index_coding", "kl_bits_mean", "kl_bits_max")
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DECODE_DEVICE: ContextVar[str] = ContextVar("rec_decode_device", default="cpu")
+
+
+@contextmanager
+def decode_device(device: str | torch.device) -> Iterator[torch.device]:
+    """Decode ``rec`` tensors on ``device`` (``auto``/``cpu``/``cuda``) inside the block.
+
+    The container calls ``decode(payload, record)`` without a device, so the choice travels in a
+    context variable; the weights are bit-identical on every device, only the speed differs.
+    """
+    from mlcompress.device import resolve_device
+
+    resolved = resolve_device(device)
+    token = _DECODE_DEVICE.set(str(resolved))
+    try:
+        yield resolved
+    finally:
+        _DECODE_DEVICE.reset(token)
 
 
 def _int(params: Mapping[str, Any], key: str, lo: int, hi: int, name: str) -> int:
@@ -108,11 +128,12 @@ class RecCodec:
         if coding == "entropy" and record.length > 64 + 12 * (bits + 1) + 8 * blocks * (bits + 1):
             raise MrcFormatError(f"rec tensor {name!r}: entropy-coded payload of {record.length} bytes is too long for {blocks} indices")
 
-    def decode(self, payload: bytes, record: TensorRecord, device: torch.device | str = "cpu") -> torch.Tensor:
+    def decode(self, payload: bytes, record: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
         from mlcompress.rec.decoder import decode_weights
         from mlcompress.rec.layout import BlockLayout
 
         p = record.params
+        device = device if device is not None else _DECODE_DEVICE.get()
         indices = decode_indices(payload, p["blocks"], p["bits"], p["index_coding"])
         layout = BlockLayout(record.numel, p["blocks"], p["layout_seed"])
         flat = decode_weights(layout, torch.from_numpy(indices), seed=p["seed"], prior_mean=p["prior_mean"],

@@ -45,6 +45,7 @@ __all__ = [
     "encode_items",
     "blocks_for_budget",
     "encode_rec",
+    "parse_size",
 ]
 
 #: Cap on weights per block: bounds the encoder's work per candidate and the decoder's per block.
@@ -64,7 +65,7 @@ class RecOptions:
     the whole file); with none, ``DEFAULT_BITS_PER_WEIGHT`` applies. Ignored for posterior files,
     whose block counts are fixed by the fit."""
 
-    bits_per_block: int = DEFAULT_BITS_PER_BLOCK
+    bits_per_block: int | None = None  # None: the posterior file's, else DEFAULT_BITS_PER_BLOCK
     bits_per_weight: float | None = None
     kl_budget_bits: float | None = None
     target_size: int | None = None
@@ -76,7 +77,7 @@ class RecOptions:
     device: str = "auto"
 
     def validate(self) -> None:
-        if not (isinstance(self.bits_per_block, int) and MIN_BITS_PER_BLOCK <= self.bits_per_block <= MAX_BITS_PER_BLOCK):
+        if self.bits_per_block is not None and not (isinstance(self.bits_per_block, int) and MIN_BITS_PER_BLOCK <= self.bits_per_block <= MAX_BITS_PER_BLOCK):
             raise UsageError(
                 f"--bits-per-block must be an integer in [{MIN_BITS_PER_BLOCK}, {MAX_BITS_PER_BLOCK}], got {self.bits_per_block}",
                 hint="each block scores 2^bits candidates; MIRACLE uses 20",
@@ -284,11 +285,15 @@ def encode_rec(
         posterior = load_posterior(src)
         if any(x is not None for x in (options.bits_per_weight, options.kl_budget_bits, options.target_size)):
             raise UsageError("a posterior file fixes its own block counts; drop --bits-per-weight/--kl-budget/--target-size")
+        if options.bits_per_block is None:
+            options.bits_per_block = posterior.bits_per_block
         if options.bits_per_block != posterior.bits_per_block:
             raise UsageError(
                 f"the posterior was fitted for {posterior.bits_per_block} bits per block, not {options.bits_per_block}",
                 hint=f"pass --bits-per-block {posterior.bits_per_block}",
             )
+    if options.bits_per_block is None:
+        options.bits_per_block = DEFAULT_BITS_PER_BLOCK
     if posterior is None and tensors is None:
         from mlcompress.checkpoint import load_checkpoint
 
@@ -393,6 +398,20 @@ def encode_rec(
         "device": str(device),
         "seconds": time.perf_counter() - start,
     }
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``1520``, ``1.52kB``, ``3MB`` (decimal units, as ``inspect`` prints them)."""
+    units = {"": 1, "b": 1, "kb": 1000, "k": 1000, "mb": 1000**2, "m": 1000**2, "gb": 1000**3, "g": 1000**3}
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgb")
+    try:
+        value = float(number) * units[t[len(number):]]
+    except (ValueError, KeyError):
+        raise UsageError(f"cannot read size {text!r}", hint="use bytes or a unit: 1520, 1.52kB, 3MB") from None
+    if not (math.isfinite(value) and value >= 1):
+        raise UsageError(f"size must be at least 1 byte, got {text!r}")
+    return int(value)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
