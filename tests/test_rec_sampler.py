@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mlcompress.rec.counter import fmix32, fmix32_int, stream_key
+from mlcompress.rec.counter import fmix32, fmix32_i32, fmix32_int, from_int32, stream_key, to_int32
 from mlcompress.rec.sampler import NORMAL_TABLE_CRC32, candidate_codes, candidate_weights, candidates, normal_table
 
 # These values are quoted in docs/format.md ("REC codec"). Changing them breaks every file.
@@ -40,6 +40,16 @@ def test_hash_vectors():
         assert fmix32(torch.tensor([x], dtype=torch.int64)).item() == h
     for (seed, stream), key in KEYS.items():
         assert stream_key(seed, stream) == key
+
+
+def test_int32_hash_equals_int64_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.randint(0, 2**32, (100_000,), generator=g, dtype=torch.int64),
+        torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF], dtype=torch.int64),
+    ])
+    assert torch.equal(from_int32(to_int32(x)), x)
+    assert torch.equal(from_int32(fmix32_i32(to_int32(x))), fmix32(x.clone()))
 
 
 def test_candidate_vectors():

@@ -73,7 +73,8 @@ def score_coefficients(
 class _Selector(Protocol):
     indices: torch.Tensor
 
-    def update(self, scores: torch.Tensor, k0: int) -> None: ...
+    def update(self, scores: torch.Tensor, k0: int) -> None:
+        """Fold in ``scores[block, k - k0]`` of candidates ``k0 .. k0 + width - 1``."""
 
 
 class _Greedy:
@@ -83,7 +84,7 @@ class _Greedy:
         self.indices = torch.zeros(n, dtype=torch.int64, device=block_ids.device)
 
     def update(self, scores: torch.Tensor, k0: int) -> None:
-        m, i = scores.max(0)
+        m, i = scores.max(1)
         better = m > self.best  # strict: the earliest index wins ties
         self.best = torch.where(better, m, self.best)
         self.indices = torch.where(better, i + k0, self.indices)
@@ -98,22 +99,27 @@ class _Importance:
         self.indices = torch.zeros(n, dtype=torch.int64, device=block_ids.device)
 
     def update(self, scores: torch.Tensor, k0: int) -> None:
-        seg = min(SEGMENT, scores.shape[0])
-        nseg = scores.shape[0] // seg
-        s = scores.view(nseg, seg, -1)
-        peak = s.amax(1, keepdim=True)
-        cdf = torch.exp((s - peak).to(torch.float64)).cumsum_(1)
-        total = cdf[:, -1, :]
+        nblocks, count = scores.shape
+        seg = min(SEGMENT, count)
+        nseg = count // seg
+        s = scores.reshape(nblocks, nseg, seg)
+        peak = s.amax(2, keepdim=True)
+        # Unnormalised probabilities relative to the segment's best, cumulated along contiguous
+        # rows (float32: the sampling probabilities are off by ~1e-6 relative at most). Clamping
+        # at e^-80 changes probabilities below 1e-30 and keeps exp off its (30x slower)
+        # underflow path.
+        cdf = torch.sub(s, peak).clamp_(min=-80.0).exp_().cumsum_(2)
+        total = cdf[:, :, -1]
         first = k0 // seg
         rows = torch.arange(2 * first, 2 * (first + nseg), dtype=torch.int64, device=scores.device)
-        u = uniforms(self.seed, STREAM_SELECTION, rows, self.block_ids).view(nseg, 2, -1)
-        target = u[:, 0, :] * total
-        pick = (cdf < target[:, None, :]).sum(1).clamp_(max=seg - 1)
-        seg_log_mass = peak[:, 0, :].to(torch.float64) + torch.log(total)
+        u = uniforms(self.seed, STREAM_SELECTION, rows, self.block_ids).view(nseg, 2, nblocks)
+        target = (u[:, 0, :].T * total.to(torch.float64)).to(torch.float32)
+        pick = torch.searchsorted(cdf, target.unsqueeze(2).contiguous()).squeeze(2).clamp_(max=seg - 1)
+        seg_log_mass = peak[:, :, 0].to(torch.float64) + torch.log(total.to(torch.float64))
         for t in range(nseg):
-            merged = torch.logaddexp(self.log_mass, seg_log_mass[t])
-            keep_new = u[t, 1, :] < torch.exp(seg_log_mass[t] - merged)
-            self.indices = torch.where(keep_new, pick[t] + (k0 + t * seg), self.indices)
+            merged = torch.logaddexp(self.log_mass, seg_log_mass[:, t])
+            keep_new = u[t, 1, :] < torch.exp(seg_log_mass[:, t] - merged)
+            self.indices = torch.where(keep_new, pick[:, t] + (k0 + t * seg), self.indices)
             self.log_mass = merged
 
 
@@ -121,7 +127,7 @@ class _Ordered:
     def __init__(self, block_ids: torch.Tensor, seed: int) -> None:
         n = block_ids.shape[0]
         self.seed = seed
-        self.best = torch.full((n,), -math.inf, dtype=torch.float64, device=block_ids.device)
+        self.best = torch.full((n,), -math.inf, dtype=torch.float32, device=block_ids.device)
         self.indices = torch.zeros(n, dtype=torch.int64, device=block_ids.device)
         self.t_end = 0.0  # arrival time at the end of the previous segment
         self.next_k = 0
@@ -141,8 +147,8 @@ class _Ordered:
         return torch.cat(out)
 
     def update(self, scores: torch.Tensor, k0: int) -> None:
-        log_t = self._log_arrivals(k0, scores.shape[0], scores.device)
-        m, i = (scores.to(torch.float64) - log_t[:, None]).max(0)
+        log_t = self._log_arrivals(k0, scores.shape[1], scores.device)
+        m, i = (scores - log_t.to(torch.float32)[None, :]).max(1)
         better = m > self.best
         self.best = torch.where(better, m, self.best)
         self.indices = torch.where(better, i + k0, self.indices)
@@ -211,14 +217,15 @@ def select_candidates(
     out = torch.empty(num_blocks, dtype=torch.int64)
     for g0 in range(0, num_blocks, group):
         g1 = min(num_blocks, g0 + group)
-        coef_sq = a[g0:g1].to(device=device, dtype=torch.float32).T.contiguous()
-        coef_lin = b[g0:g1].to(device=device, dtype=torch.float32).T.contiguous()
+        coef_sq = a[g0:g1].to(device=device, dtype=torch.float32).contiguous()
+        coef_lin = b[g0:g1].to(device=device, dtype=torch.float32).contiguous()
         ids = torch.arange(block_offset + g0, block_offset + g1, dtype=torch.int64, device=device)
         selector: _Selector = _SELECTORS[selection](ids, seed)
         for k0 in range(0, K, chunk):
             k1 = min(K, k0 + chunk)
             z_sq, z = _features(seed, k0, k1, dim, device)
-            scores = torch.addmm(z @ coef_lin, z_sq, coef_sq)
+            # scores[block, candidate]: rows are contiguous per block for the selection passes
+            scores = torch.addmm(coef_lin @ z.T, coef_sq, z_sq.T)
             selector.update(scores, k0)
             if progress is not None:
                 progress(g0 + (g1 - g0) * (k1 / K), num_blocks)
@@ -252,7 +259,7 @@ def select_candidates_loop(
         selector: _Selector = _SELECTORS[selection](torch.tensor([block_offset + i]), seed)
         for k0 in range(0, K, chunk):
             z_sq, z = _features(seed, k0, min(K, k0 + chunk), d, torch.device("cpu"))
-            scores = (z_sq @ a[i, :d] + z @ b[i, :d])[:, None]
+            scores = (z_sq @ a[i, :d] + z @ b[i, :d])[None, :]
             selector.update(scores, k0)
         out[i] = selector.indices[0]
         if progress is not None:
