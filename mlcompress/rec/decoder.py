@@ -66,4 +66,4 @@ def decode_weights(
     by_position = weights_by_position(
         layout, indices, seed=seed, prior_mean=prior_mean, prior_std=prior_std
     )
-    return torch.index_select(by_position, 0, layout.position_of(device=device))
+    return torch.index_select(by_position, 0, layout.position_of(device=device, dtype=torch.int32))

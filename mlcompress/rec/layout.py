@@ -115,17 +115,17 @@ class BlockLayout:
         return left.bitwise_left_shift_(m).bitwise_or_(right)
 
     def _walk(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """The (inverse) permutation of int32 values, with cycle walking; returns int32."""
         tables = self._tables(x.device)
-        y = self._feistel(x.to(torch.int32), tables, inverse)
-        outside = y >= self.numel
+        y = self._feistel(x.to(torch.int32, copy=True), tables, inverse)
         # Cycle walking: fewer than R ~ sqrt(numel) values start outside [0, numel), and each
-        # step leaves with probability >= numel / (A * R); the loop ends after a few steps.
-        while bool(outside.any()):
-            idx = outside.nonzero().squeeze(1)
+        # step leaves with probability >= numel / (A * R); only those few values are iterated.
+        idx = (y >= self.numel).nonzero().squeeze(1)
+        while idx.numel():
             walked = self._feistel(y[idx], tables, inverse)
             y[idx] = walked
-            outside[idx] = walked >= self.numel
-        return y.to(torch.int64)
+            idx = idx[walked >= self.numel]
+        return y
 
     def _positions(self, positions: torch.Tensor | None, device: torch.device | str) -> torch.Tensor:
         if positions is None:
@@ -133,24 +133,30 @@ class BlockLayout:
         return positions.to(device=device)
 
     def flat_index(
-        self, positions: torch.Tensor | None = None, device: torch.device | str = "cpu"
+        self,
+        positions: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.int64,
     ) -> torch.Tensor:
-        """Flat weight index (int64) of each position (default: all positions, in block order).
+        """Flat weight index of each position (default: all positions, in block order).
 
         Computing a subset gives the same values as computing all and indexing: each position
-        is mapped on its own.
+        is mapped on its own. ``dtype`` int64 (default) or int32 (what index_select also takes).
         """
-        return self._walk(self._positions(positions, device), inverse=False)
+        return self._walk(self._positions(positions, device), inverse=False).to(dtype)
 
     def position_of(
-        self, flat: torch.Tensor | None = None, device: torch.device | str = "cpu"
+        self,
+        flat: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.int64,
     ) -> torch.Tensor:
-        """Inverse of :meth:`flat_index`: the position (int64) of each flat weight index.
+        """Inverse of :meth:`flat_index`: the position of each flat weight index.
 
         The decoder uses it to *gather* weights into place (``out = by_position[position_of()]``),
         which is several times faster than scattering them through :meth:`flat_index`.
         """
-        return self._walk(self._positions(flat, device), inverse=True)
+        return self._walk(self._positions(flat, device), inverse=True).to(dtype)
 
     def block_index_matrix(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """int64 ``[num_blocks, max_block_size]``: flat index of slot ``j`` of block ``b``.
