@@ -164,6 +164,24 @@ def test_orc_entropy_coded_indices_save_bits(tmp_path):
     assert torch.equal(mrc.tensor("b"), torch.zeros(3))
 
 
+def test_codec_alone_through_write_mrc_and_progress(tmp_path):
+    from mlcompress.container import write_mrc
+
+    model = {"w": torch.randn(20, 30, generator=torch.Generator().manual_seed(4)), "b": torch.ones(3)}
+    plan = {"w": ("rec", {"bits": 8, "bits_per_weight": 0.5, "seed": 2}), "b": ("raw", {})}
+    write_mrc(tmp_path / "one.mrc", model, plan, {})
+    mrc = open_mrc(tmp_path / "one.mrc")
+    rec = mrc.record("w")
+    assert rec.codec == "rec" and rec.params["blocks"] == 38 and rec.params["seed"] == 2
+    indices = decode_indices(mrc.payload("w"), 38, 8, "fixed")
+    assert torch.equal(mrc.tensor("w").view(torch.int32), _expected(rec, indices).view(torch.int32))
+    seen = []
+    encode_rec("m.pt", tmp_path / "p.mrc", options=RecOptions(bits_per_block=8, bits_per_weight=1.0, min_rec_numel=500),
+               tensors=_model(), progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1][0] == seen[-1][1] == 60 * 10 // 8 + 6000 // 8
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+
+
 def test_index_payload_round_trips():
     rng = np.random.default_rng(0)
     for bits in (1, 7, 24):
