@@ -93,6 +93,17 @@ def decode_symbols(stream: bytes | memoryview, expected_count: int | None = None
     raises :class:`MrcFormatError` on any inconsistency (also when ``expected_count`` is given and
     differs from the stored count).
     """
+    symbols, index = decode_indices(stream, expected_count)
+    return symbols[index]
+
+
+def decode_indices(stream: bytes | memoryview, expected_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`decode_symbols`, but return the table and each value's index into it.
+
+    Why: a caller that maps symbols to something else (the lossless codec maps a field value to
+    the bits it sets) can transform the small table once and gather with ``index``, instead of
+    transforming every decoded value. ``symbols[index]`` is what :func:`decode_symbols` returns.
+    """
     import constriction
 
     view = memoryview(stream)
@@ -122,7 +133,8 @@ def decode_symbols(stream: bytes | memoryview, expected_count: int | None = None
     if n_table <= 1:
         if n_words:
             raise MrcFormatError("entropy stream with one symbol must not carry coded words")
-        return np.full(n_values, symbols[0] if n_table else 0, dtype=np.int32)
+        table = symbols if n_table else np.zeros(1, dtype=np.int32)
+        return table, np.zeros(n_values, dtype=np.int32)
     words = np.frombuffer(view, dtype="<u4", count=n_words, offset=pos).astype(np.uint32)
     coder = constriction.stream.stack.AnsCoder(words)
     try:
@@ -133,7 +145,7 @@ def decode_symbols(stream: bytes | memoryview, expected_count: int | None = None
         np.bincount(index, minlength=n_table).astype(np.uint64), counts
     ):
         raise MrcFormatError("entropy stream decodes to a histogram other than its stored table")
-    return symbols[index]
+    return symbols, index
 
 
 def coded_bits(values: np.ndarray) -> int:

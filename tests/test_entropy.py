@@ -165,3 +165,9 @@ def test_single_symbol_stream_with_words_is_refused():
 def test_empty_stream_with_values_is_refused():
     with pytest.raises(MrcFormatError, match="do not add up"):
         entropy.decode_symbols(_build([], [], 4, []))
+
+
+def test_decode_indices_agrees_with_decode_symbols(stream):
+    table, index = entropy.decode_indices(stream, expected_count=3000)
+    np.testing.assert_array_equal(table[index], entropy.decode_symbols(stream))
+    assert np.all(np.diff(table) > 0) and index.min() >= 0 and index.max() < table.size

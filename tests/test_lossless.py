@@ -229,3 +229,53 @@ def test_decode_rejects_plane_value_outside_its_field():
     CODEC.check(rec)
     with pytest.raises(MrcFormatError, match="outside its bit field"):
         CODEC.decode(payload, rec)
+
+
+def test_decode_rejects_raw_plane_value_outside_its_field():
+    t = torch.zeros(8, dtype=torch.float16)
+    planes = [{"mode": "raw", "length": 8}] * 3
+    payload = bytearray(24)
+    payload[3] = 40  # the exponent field of float16 has 5 bits
+    rec = _record(t, {"planes": planes}, len(payload))
+    CODEC.check(rec)
+    with pytest.raises(MrcFormatError, match="outside its bit field"):
+        CODEC.decode(bytes(payload), rec)
+
+
+@pytest.mark.parametrize("mode", ["raw", "ans"])
+def test_decode_rejects_bool_bytes_other_than_0_and_1(mode):
+    from mlcompress import entropy
+
+    t = torch.zeros(300, dtype=torch.bool)
+    values = np.zeros(300, dtype=np.uint8)
+    values[7] = 2
+    blob = values.tobytes() if mode == "raw" else entropy.encode_symbols(values)
+    rec = _record(t, {"planes": [{"mode": mode, "length": len(blob)}]}, len(blob))
+    CODEC.check(rec)
+    with pytest.raises(MrcFormatError, match="outside its bit field"):
+        CODEC.decode(blob, rec)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_every_plane_mode_combination_decodes(dtype):
+    # Each plane may independently be raw or ANS; decode must handle both for every field kind
+    # (whole bytes, fields straddling bytes, multi-range fields).
+    t = random_tensor(dtype, (2000,), seed=7)
+    payload, params = CODEC.encode(t, {})
+    from mlcompress import entropy
+    from mlcompress.codecs.lossless import _bits, _extract, _raw_dtype
+
+    u = _bits(t, dtype_name(dtype))
+    fields = FIELDS[dtype_name(dtype)]
+    for flip in range(len(fields)):
+        blobs, planes = [], []
+        for i, field in enumerate(fields):
+            values = _extract(u, field)
+            ans = (i == flip) != (params["planes"][i]["mode"] == "ans")
+            blob = entropy.encode_symbols(values.astype(np.int32)) if ans else values.astype(_raw_dtype(field)).tobytes()
+            blobs.append(blob)
+            planes.append({"mode": "ans" if ans else "raw", "length": len(blob)})
+        data = b"".join(blobs)
+        rec = _record(t, {"planes": planes}, len(data))
+        CODEC.check(rec)
+        assert_bit_exact(CODEC.decode(data, rec), t)

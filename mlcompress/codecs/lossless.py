@@ -13,6 +13,7 @@ The field layout of each dtype is part of the format (docs/format.md, "lossless 
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from mlcompress import entropy
 from mlcompress.codecs import register
 from mlcompress.codecs.raw import tensor_from_le_bytes, tensor_to_le_bytes
-from mlcompress.container import TensorRecord, itemsize
+from mlcompress.container import TensorRecord, itemsize, torch_dtype
 from mlcompress.errors import MrcFormatError
 
 # A field is a list of (shift, width) bit ranges of the value's unsigned bit pattern, concatenated
@@ -72,14 +73,6 @@ def _extract(u: np.ndarray, field: Field) -> np.ndarray:
     return out
 
 
-def _insert(u: np.ndarray, field: Field, values: np.ndarray) -> None:
-    acc = 0
-    for shift, width in field:
-        part = (values >> np.uint32(acc)) & np.uint32((1 << width) - 1)
-        u |= part.astype(u.dtype) << u.dtype.type(shift)
-        acc += width
-
-
 class LosslessCodec:
     name = "lossless"
 
@@ -122,24 +115,58 @@ class LosslessCodec:
             raise MrcFormatError(f"lossless tensor {record.name!r}: plane lengths do not add up to the payload")
 
     def decode(self, payload: bytes, record: TensorRecord) -> torch.Tensor:
+        # Decode speed matters (it runs on every load), so the field values are put back with
+        # as few whole-tensor passes as possible: an 8-bit field that is a whole byte is copied
+        # straight into that byte; other raw fields are shifted into place in the element's
+        # integer width; an ANS plane's small table is shifted into place once and then gathered
+        # by the decoded indices. Fields are disjoint, so the order of the planes does not matter.
         n = record.numel
-        size = itemsize(record.dtype)
-        u = np.zeros(n, dtype=_UINT[size])
+        if n == 0:
+            return torch.empty(record.shape, dtype=torch_dtype(record.dtype))
+        udtype = np.dtype(_UINT[itemsize(record.dtype)])
+        u = np.zeros(n, dtype=udtype)
+        as_bytes = u.view(np.uint8).reshape(n, udtype.itemsize) if sys.byteorder == "little" else None
         view = memoryview(payload)
         pos = 0
         for plane, field in zip(record.params["planes"], FIELDS[record.dtype]):
             blob = view[pos : pos + plane["length"]]
             pos += plane["length"]
+            limit = 2 if record.dtype == "bool" else 1 << _width(field)
+            whole_byte = as_bytes is not None and len(field) == 1 and field[0][1] == 8 and field[0][0] % 8 == 0
             if plane["mode"] == "raw":
-                values = np.frombuffer(blob, dtype=_raw_dtype(field)).astype(np.uint32)
-            else:
-                decoded = entropy.decode_symbols(blob, expected_count=n)
-                if decoded.size and (decoded.min() < 0 or decoded.max() >= (1 << _width(field))):
+                values = np.frombuffer(blob, dtype=_raw_dtype(field))
+                if limit < 1 << 8 * values.itemsize and int(values.max()) >= limit:
                     raise MrcFormatError(f"lossless tensor {record.name!r}: plane value outside its bit field")
-                values = decoded.astype(np.uint32)
-            _insert(u, field, values)
-        data = u.astype(u.dtype.newbyteorder("<"), copy=False).tobytes()
-        return tensor_from_le_bytes(data, record.dtype, record.shape)
+                if whole_byte:
+                    as_bytes[:, field[0][0] // 8] = values
+                else:
+                    _or_placed(u, values, field)
+            else:
+                table, index = entropy.decode_indices(blob, expected_count=n)
+                if int(table.min()) < 0 or int(table.max()) >= limit:
+                    raise MrcFormatError(f"lossless tensor {record.name!r}: plane value outside its bit field")
+                if whole_byte:
+                    as_bytes[:, field[0][0] // 8] = np.take(table.astype(np.uint8), index)
+                else:
+                    placed = np.zeros(table.size, dtype=udtype)
+                    _or_placed(placed, table, field)
+                    u |= np.take(placed, index)
+        if sys.byteorder == "little":
+            return torch.from_numpy(u).view(torch_dtype(record.dtype)).reshape(record.shape)
+        return tensor_from_le_bytes(u.astype(udtype.newbyteorder("<")).tobytes(), record.dtype, record.shape)
+
+
+def _or_placed(u: np.ndarray, values: np.ndarray, field: Field) -> None:
+    """OR field values ``values`` (validated to fit the field) into place in ``u``."""
+    wide = values.astype(u.dtype)
+    acc = 0
+    for shift, width in field:
+        part = wide >> u.dtype.type(acc) if acc else wide.copy() if len(field) > 1 else wide
+        if acc + width < _width(field):
+            part &= u.dtype.type((1 << width) - 1)
+        part <<= u.dtype.type(shift)
+        u |= part
+        acc += width
 
 
 register(LosslessCodec())
