@@ -645,3 +645,17 @@ def test_file_size_is_recorded_in_the_header(mrc):
     doc, _, _ = split(mrc)
     assert doc["file_size"] == os.path.getsize(mrc)
     assert doc["format"] == "mlcompress.mrc" and doc["version"] == VERSION
+
+
+def test_raw_bool_bytes_must_be_0_or_1(tmp_path):
+    p = write_mrc(tmp_path / "b.mrc", {"m": torch.tensor([True, False, True])}, {"m": ("raw", {})}, {"slack": SLACK})
+    payload = bytes([1, 2, 1])
+
+    def edit(doc):  # a valid CRC for the bad payload, so the decoder itself must catch it
+        record(doc, "m")["crc32"] = zlib.crc32(payload)
+
+    def body_edit(body):
+        start = open_mrc(p).record("m").offset - PREAMBLE.size - split(p)[1]
+        return body[:start] + payload + body[start + 3 :]
+
+    damaged(rebuild(p, edit, body_edit=body_edit), "raw tensor 'm': bool bytes must be 0 or 1")

@@ -48,6 +48,9 @@ class RawCodec:
             )
 
     def decode(self, payload: bytes, record: TensorRecord) -> torch.Tensor:
+        # A bool byte other than 0/1 would give a tensor whose values torch treats inconsistently.
+        if record.dtype == "bool" and payload and int(np.frombuffer(payload, dtype=np.uint8).max()) > 1:
+            raise MrcFormatError(f"raw tensor {record.name!r}: bool bytes must be 0 or 1")
         return tensor_from_le_bytes(payload, record.dtype, record.shape)
 
 
