@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
@@ -70,13 +71,14 @@ def _encode_rec(out: Output, model: Path, output: Optional[Path], bits_per_block
         selection=selection or "is", seed=seed, min_rec_numel=min_rec_numel, device=device,
     )
     with ExitStack() as stack:
-        state: dict = {"done": 0.0}
+        state: dict = {"done": 0.0, "start": time.perf_counter()}
 
         def progress(done: float, total: int) -> None:
             # The bar opens on the first report, when the number of blocks is known.
             if "advance" not in state:
                 state["advance"] = stack.enter_context(out.progress("REC blocks", total=total))
-            state["advance"](done - state["done"])
+            rate = done / max(time.perf_counter() - state["start"], 1e-9)
+            state["advance"](done - state["done"], rate=f"{rate:.1f} blocks/s")
             state["done"] = done
 
         summary = encode_rec(model, output, options=opts, force=force, unsafe_pickle=unsafe_pickle, progress=progress)
