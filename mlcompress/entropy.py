@@ -62,14 +62,53 @@ def histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def encode_symbols(values: np.ndarray) -> bytes:
     """Entropy-code a 1-D array of integers (any int dtype whose values fit in int32)."""
-    import constriction
+    return _encode(*_checked_histogram(values))
 
+
+def encode_if_smaller(values: np.ndarray, limit: int) -> bytes | None:
+    """``encode_symbols(values)`` if that stream is shorter than ``limit`` bytes, else ``None``.
+
+    Why: the lossless codec stores a plane raw unless its stream is smaller, and nearly uniform
+    planes (low mantissa bytes) can be ruled out from their histogram alone, without running the
+    coder. The shortcut never changes the outcome: an ANS stream is never shorter than the
+    values' empirical information content (the quantised model's cross-entropy is at least the
+    empirical entropy) less the coder's final state, which the 8-byte allowance covers.
+    """
+    values = np.ascontiguousarray(values).reshape(-1)
+    n = int(values.size)
+    inverse: np.ndarray | None = None
+    if values.dtype in (np.uint8, np.uint16):
+        # Bit-field planes: count first, and build the per-value indices only if coding pays.
+        full = np.bincount(values)
+        symbols = np.flatnonzero(full)
+        counts = full[symbols]
+    else:
+        symbols, inverse, counts, n = _checked_histogram(values)
+    if n:
+        info_bits = float(np.sum(counts * np.log2(n / counts)))
+        if _HEAD.size + 12 * symbols.size + _TAIL.size + info_bits / 8 - 8 >= limit:
+            return None
+    if inverse is None:
+        lookup = np.zeros(full.size, dtype=np.int32)
+        lookup[symbols] = np.arange(symbols.size, dtype=np.int32)
+        inverse = lookup[values]
+    stream = _encode(symbols, inverse, counts, n)
+    return stream if len(stream) < limit else None
+
+
+def _checked_histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     values = np.ascontiguousarray(values).reshape(-1)
     if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
         raise ValueError("entropy coder symbols must fit in int32")
     symbols, inverse, counts = histogram(values)
     if symbols.size > MAX_TABLE:
         raise ValueError(f"alphabet of {symbols.size} symbols exceeds the limit of {MAX_TABLE}")
+    return symbols, inverse, counts, int(values.size)
+
+
+def _encode(symbols: np.ndarray, inverse: np.ndarray, counts: np.ndarray, n: int) -> bytes:
+    import constriction
+
     words = np.zeros(0, dtype=np.uint32)
     if symbols.size > 1:
         coder = constriction.stream.stack.AnsCoder()
@@ -80,7 +119,7 @@ def encode_symbols(values: np.ndarray) -> bytes:
             _HEAD.pack(symbols.size),
             symbols.astype("<i4").tobytes(),
             counts.astype("<u8").tobytes(),
-            _TAIL.pack(int(values.size), words.size),
+            _TAIL.pack(n, words.size),
             words.tobytes(),
         )
     )

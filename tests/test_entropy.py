@@ -171,3 +171,18 @@ def test_decode_indices_agrees_with_decode_symbols(stream):
     table, index = entropy.decode_indices(stream, expected_count=3000)
     np.testing.assert_array_equal(table[index], entropy.decode_symbols(stream))
     assert np.all(np.diff(table) > 0) and index.min() >= 0 and index.max() < table.size
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.int64])
+def test_encode_if_smaller_matches_encode_then_compare(dtype):
+    # The shortcut that skips the coder for incompressible data must never change the outcome.
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        n = int(rng.integers(1, 3000))
+        k = int(rng.integers(1, 256))
+        p = rng.dirichlet(np.full(k, float(rng.choice([0.05, 1.0, 100.0]))))
+        values = rng.choice(k, size=n, p=p).astype(dtype)
+        full = entropy.encode_symbols(values)
+        for limit in (len(full) - 1, len(full), len(full) + 1, n, 2 * n):
+            got = entropy.encode_if_smaller(values, limit)
+            assert got == (full if len(full) < limit else None), (trial, limit)

@@ -58,19 +58,28 @@ def _raw_dtype(field: Field) -> np.dtype:
 
 
 def _bits(tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    """The tensor's bit patterns as unsigned integers of the same width."""
+    """The tensor's bit patterns as native unsigned integers of the same width."""
+    size = itemsize(dtype)
+    if sys.byteorder == "little":  # a view of the tensor's memory, no copy
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        return flat.view(torch.uint8).numpy().view(_UINT[size])
     raw = np.frombuffer(tensor_to_le_bytes(tensor), dtype=np.uint8)
-    return raw.view(np.dtype(_UINT[itemsize(dtype)]).newbyteorder("<")).astype(_UINT[itemsize(dtype)])
+    return raw.view(np.dtype(_UINT[size]).newbyteorder("<")).astype(_UINT[size])
 
 
 def _extract(u: np.ndarray, field: Field) -> np.ndarray:
-    out = np.zeros(u.shape, dtype=np.uint32)
-    acc = 0
-    for shift, width in field:
+    """The field's values for every element, as the plane's raw dtype (uint8 or uint16)."""
+    shift, width = field[0]
+    if len(field) == 1 and width == 8 and shift % 8 == 0 and sys.byteorder == "little":
+        return np.ascontiguousarray(u.view(np.uint8).reshape(u.size, u.itemsize)[:, shift // 8])
+    out = (u >> u.dtype.type(shift)) & u.dtype.type((1 << width) - 1)
+    acc = width
+    for shift, width in field[1:]:
         part = (u >> u.dtype.type(shift)) & u.dtype.type((1 << width) - 1)
-        out |= part.astype(np.uint32) << np.uint32(acc)
+        part <<= u.dtype.type(acc)
+        out |= part
         acc += width
-    return out
+    return out.astype(_raw_dtype(field))
 
 
 class LosslessCodec:
@@ -84,9 +93,9 @@ class LosslessCodec:
         blobs, planes = [], []
         for field in FIELDS[dtype]:
             values = _extract(u, field)
-            raw = values.astype(_raw_dtype(field)).tobytes()
-            coded = entropy.encode_symbols(values.astype(np.int32)) if values.size else raw
-            mode, blob = ("ans", coded) if len(coded) < len(raw) else ("raw", raw)
+            raw = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+            coded = entropy.encode_if_smaller(values, len(raw)) if values.size else None
+            mode, blob = ("ans", coded) if coded is not None else ("raw", raw)
             blobs.append(blob)
             planes.append({"mode": mode, "length": len(blob)})
         return b"".join(blobs), {"planes": planes}
