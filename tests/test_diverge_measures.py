@@ -86,11 +86,13 @@ def test_chunked_equals_unchunked_and_matches_float64_reference():
     assert torch.allclose(chunked.tv.double(), tv, rtol=1e-4, atol=5e-7)
 
 
-def test_log_normaliser_argmax_ties_and_chunks():
-    x = torch.tensor([[1.0, 5.0, 5.0, 2.0], [0.0, 0.0, 0.0, 9.0]])
-    mx, lsum, idx = log_normaliser(x, vocab_chunk=2)
-    assert idx.tolist() == [1, 3]
+def test_log_normaliser_by_chunks_and_same_top_ties():
+    x = torch.tensor([[1.0, 5.0, 5.0, 2.0], [0.0, 0.0, 0.0, 9.0], [3.0, 1.0, 0.0, 0.0]])
+    mx, lsum = log_normaliser(x, vocab_chunk=3)
     assert torch.allclose(mx + lsum, torch.logsumexp(x, -1))
+    y = torch.tensor([[0.0, 0.0, 7.0, 1.0], [9.0, 0.0, 0.0, 1.0], [3.0, 3.0, 0.0, 0.0]])
+    # Row 0: x ties at 1 and 2, y's top is 2 -> agree; row 1 disagrees; row 2: y ties, one is x's.
+    assert token_measures(x, y, vocab_chunk=3).same_top.tolist() == [True, False, True]
 
 
 @settings(max_examples=30, deadline=None)

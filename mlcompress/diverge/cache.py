@@ -43,7 +43,6 @@ from mlcompress.diverge.lm import (
 )
 from mlcompress.diverge.measures import (
     TokenMeasures,
-    check_finite,
     log_normaliser,
     row_blocks,
     token_measures,
@@ -54,6 +53,9 @@ from mlcompress.errors import InputError
 FORMAT = "mlcompress-ref-logits"
 VERSION = "1"
 DEFAULT_TOP_K = 64
+# Logit given to the top-k tokens when summing the tail: exp(MASKED - max) is exactly 0 in float32,
+# and unlike -inf it keeps a chunk made only of masked tokens from turning the sum into NaN.
+MASKED = -1.0e30
 
 
 class RefCacheWriter:
@@ -136,11 +138,11 @@ def top_k_buckets(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
     The tail is computed as a logsumexp over the other logits rather than as log(1 - sum p),
     which would be zero (log -inf) in float32 whenever the tail mass is below ~1e-7."""
-    mx, lsum, _ = log_normaliser(rows)
+    mx, lsum = log_normaliser(rows)
     vals, ids = rows.float().topk(k, dim=-1)
     logp = (vals - mx.unsqueeze(-1)) - lsum.unsqueeze(-1)
-    masked = rows.float().scatter(-1, ids, float("-inf"))
-    tmx, tlsum, _ = log_normaliser(masked)
+    masked = rows.float().scatter(-1, ids, MASKED)
+    tmx, tlsum = log_normaliser(masked)
     tail = (tmx - mx) + (tlsum - lsum)
     return ids, logp, tail
 
@@ -224,15 +226,16 @@ def coarse_measures(
     (``cmp_rows``: the compared model's logits for the same positions, one row each)."""
     dev = cmp_rows.device
     topk_ids, topk_logp = topk_ids.to(dev).long(), topk_logp.to(dev)
-    mx, lsum, top = log_normaliser(cmp_rows)
+    mx, lsum = log_normaliser(cmp_rows)
     q_top = (cmp_rows.float().gather(-1, topk_ids) - mx.unsqueeze(-1)) - lsum.unsqueeze(-1)
-    masked = cmp_rows.float().scatter(-1, topk_ids, float("-inf"))
-    tmx, tlsum, _ = log_normaliser(masked)
+    masked = cmp_rows.float().scatter(-1, topk_ids, MASKED)
+    tmx, tlsum = log_normaliser(masked)
     q_tail = (tmx - mx) + (tlsum - lsum)
     p_buckets = torch.cat([topk_logp, tail_logp.to(dev).unsqueeze(-1)], 1)
     q_buckets = torch.cat([q_top, q_tail.unsqueeze(-1)], 1)
     m = token_measures(p_buckets, q_buckets)
-    m.same_top = topk_ids[:, 0] == top
+    # Exact same-top from the full logits: the reference's top-1 is a maximum of the compared row.
+    m.same_top = cmp_rows.float().gather(-1, topk_ids[:, :1]).squeeze(-1) >= mx
     m.ref_logp = ref_target_logp.to(dev)
     t = targets.to(dev).long().unsqueeze(-1)
     m.cmp_logp = ((cmp_rows.float().gather(-1, t) - mx.unsqueeze(-1)) - lsum.unsqueeze(-1)).squeeze(-1)
@@ -274,7 +277,6 @@ def compare_with_cache(
         for r0 in starts:
             sl = slice(done + r0, done + min(r0 + starts.step, rows.numel()))
             block = flat.index_select(0, rows[r0 : r0 + starts.step])
-            check_finite(block, "compared", r0)
             parts.append(
                 coarse_measures(
                     cache.topk_ids[sl], cache.topk_logp[sl], cache.tail_logp[sl],
