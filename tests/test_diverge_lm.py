@@ -265,3 +265,17 @@ def test_non_finite_and_misfit_weights_are_refused(lm, tmp_path, capsys):
     assert code == 1 and "does not fit the architecture" in err and "missing" in err
     code, out, err = _cli(capsys, lm["noise"][0.01], path, "--data", lm["data"])
     assert code == 2 and "--arch" in err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(lm, tmp_path):
+    cpu = run(lm["ref"], lm["noise"][0.05], data=lm["data"], device="cpu")
+    gpu = run(lm["ref"], lm["noise"][0.05], data=lm["data"], device="cuda")
+    assert gpu["positions"] == cpu["positions"]
+    assert gpu["kl"]["mean"] == pytest.approx(cpu["kl"]["mean"], rel=1e-3, abs=1e-7)
+    assert gpu["ppl"]["ref"] == pytest.approx(cpu["ppl"]["ref"], rel=1e-4)
+    cache = tmp_path / "gpu.logits"
+    run(lm["ref"], lm["ref"], data=lm["data"], device="cuda", save_ref=cache)
+    cached = run(None, lm["noise"][0.05], ref_logits=cache, arch=str(lm["ref"]), device="cuda")
+    assert 0 < cached["kl"]["mean"] <= cpu["kl"]["mean"] * (1 + 1e-3)
