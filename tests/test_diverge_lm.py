@@ -279,3 +279,12 @@ def test_cuda_matches_cpu(lm, tmp_path):
     run(lm["ref"], lm["ref"], data=lm["data"], device="cuda", save_ref=cache)
     cached = run(None, lm["noise"][0.05], ref_logits=cache, arch=str(lm["ref"]), device="cuda")
     assert 0 < cached["kl"]["mean"] <= cpu["kl"]["mean"] * (1 + 1e-3)
+
+
+def test_sample_mode_on_a_hugging_face_model(lm):
+    same = run(lm["ref"], lm["ref"], mode="sample", samples=6, length=6, batch_size=3)
+    assert same["joint_kl"]["mean"] == 0.0 and same["bos"] == 0  # bos from config.json
+    r = run(lm["ref"], lm["noise"][0.2], mode="sample", samples=6, length=6, batch_size=3)
+    assert r["joint_kl"]["mean"] > 0 and r["per_token_kl"]["mean"] == pytest.approx(r["joint_kl"]["mean"] / 6)
+    again = run(lm["ref"], lm["noise"][0.2], mode="sample", samples=6, length=6, batch_size=3)
+    assert again["joint_kl"] == r["joint_kl"]  # seeded: reproducible

@@ -15,7 +15,7 @@ from mlcompress.errors import GateFailed, UsageError
 
 @app.command()
 def diverge(
-    models: Annotated[List[Path], typer.Argument(help="REF CMP: model directories, TorchScript or weights files (.pt, .safetensors, .mrc). With --ref-logits, CMP alone.")],
+    models: Annotated[List[Path], typer.Argument(metavar="REF CMP", help="REF CMP: model directories, TorchScript or weights files (.pt, .safetensors, .mrc). With --ref-logits, CMP alone.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluation data: .jsonl (text field or input_ids) or a plain text file; for --arch TASK, the task's data directory.")] = None,
     field: Annotated[str, typer.Option("--field", help="JSON field holding the text in --data .jsonl.")] = "text",
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="tokenizer.json or a directory holding a tokenizer (default: the model directory's).")] = None,

@@ -76,6 +76,11 @@ def diverge(
     _check_options(ref, o)
     device = resolve_device(o.device)
     if o.arch is not None and not Path(o.arch).exists():
+        if ":" not in o.arch and ("/" in o.arch or Path(o.arch).suffix):
+            raise InputError(
+                f"--arch {o.arch}: no such file or directory",
+                hint="give a model directory, a TorchScript file, or a task name such as lenet5",
+            )
         return _classifier(ref, cmp, o, device, progress)
     if o.mode == "data":
         return _data_mode(ref, cmp, o, device, progress)
