@@ -125,7 +125,7 @@ class RecCodec:
             raise MrcFormatError(
                 f"rec tensor {name!r}: payload has {record.length} bytes, {blocks} indices of {bits} bits need {fixed_payload_bytes(blocks, bits)}"
             )
-        if coding == "entropy" and record.length > 64 + 12 * (bits + 1) + 8 * blocks * (bits + 1):
+        if coding == "entropy" and not 4 * (bits + 2) <= record.length <= 4 * (bits + 2) + 8 * blocks * (bits + 1):
             raise MrcFormatError(f"rec tensor {name!r}: entropy-coded payload of {record.length} bytes is too long for {blocks} indices")
 
     def decode(self, payload: bytes, record: TensorRecord, device: torch.device | str | None = None) -> torch.Tensor:
