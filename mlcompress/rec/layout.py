@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlcompress.rec.counter import STREAM_LAYOUT, col_hash, fmix32, row_hash, stream_key
+from mlcompress.rec.counter import STREAM_LAYOUT, col_hash, from_int32, grid_hash, row_hash, stream_key
 
 __all__ = ["BlockLayout", "FEISTEL_ROUNDS"]
 
@@ -87,12 +87,14 @@ class BlockLayout:
         ``T[left] mod R`` to the right; ``T_t[v] = fmix32(row(t) ^ col(v))`` under the layout key."""
         a, _, r = self._sides()
         key = stream_key(self.seed, STREAM_LAYOUT)
+        # All rounds in one grid of hashes (one call per op instead of one per round and op).
+        rows = row_hash(key, torch.arange(FEISTEL_ROUNDS, dtype=torch.int64, device=device))
+        cols = col_hash(key, torch.arange(max(a, r), dtype=torch.int64, device=device))
+        grid = from_int32(grid_hash(rows, cols))
         tables = []
         for t in range(FEISTEL_ROUNDS):
             other, modulus = (r, a) if t % 2 == 0 else (a, r)
-            rows = row_hash(key, torch.tensor([t], dtype=torch.int64, device=device))
-            cols = col_hash(key, torch.arange(other, dtype=torch.int64, device=device))
-            tables.append((fmix32(rows ^ cols) % modulus).to(torch.int32))
+            tables.append((grid[t, :other] % modulus).to(torch.int32))
         return tables
 
     def _feistel(self, x: torch.Tensor, tables: list[torch.Tensor], inverse: bool = False) -> torch.Tensor:
