@@ -127,21 +127,17 @@ def test_decode_default_output_is_bit_exact(work):
     assert out["head.weight"].data_ptr() == out["emb.weight"].data_ptr()
 
 
-def test_decode_to_pt_and_force(work):
-    proc = run("decode", "m.mrc", "-o", "x.pt", "--quiet", cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "" and proc.stderr == ""
-    assert_same_tensors(torch.load(work / "x.pt", weights_only=True), model_state())
-
-    # -o refuses to overwrite; nothing changes.
+def test_decode_to_pt_refuses_to_overwrite_without_force(work):
     (work / "x.pt").write_bytes(b"keep me")
     proc = run("decode", "m.mrc", "-o", "x.pt", cwd=work)
     assert_failed(proc, 1, "already exists", "--force")
     assert (work / "x.pt").read_bytes() == b"keep me"
 
-    proc = run("decode", "m.mrc", "-o", "x.pt", "--force", cwd=work)
+    proc = run("decode", "m.mrc", "-o", "x.pt", "--force", "--quiet", cwd=work)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
     assert_same_tensors(torch.load(work / "x.pt", weights_only=True), model_state())
+    assert not [p.name for p in work.iterdir() if p.name.endswith(".part")]
 
 
 def test_inspect_json_adds_up(encoded):
