@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 from mlcompress.errors import CheckpointError, InputError, UsageError
 from mlcompress.tasks import (

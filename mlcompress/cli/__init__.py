@@ -47,6 +47,8 @@ from mlcompress.cli import encode as _encode  # noqa: E402,F401
 from mlcompress.cli import decode as _decode  # noqa: E402,F401
 from mlcompress.cli import inspect as _inspect  # noqa: E402,F401
 from mlcompress.cli import train as _train  # noqa: E402,F401
+from mlcompress.cli import eval as _eval  # noqa: E402,F401
+from mlcompress.cli import fit_posterior as _fit_posterior  # noqa: E402,F401
 from mlcompress.cli import diverge as _diverge  # noqa: E402,F401
 from mlcompress.cli import quantize as _quantize  # noqa: E402,F401
 from mlcompress.cli import prune as _prune  # noqa: E402,F401

@@ -24,13 +24,14 @@ def _listed(names: list[str]) -> str:
 
 
 def check_state_dict_fits(
-    task_or_model: Task | nn.Module, state_dict: Mapping[str, torch.Tensor]
+    task_or_model: Task | nn.Module, state_dict: Mapping[str, torch.Tensor], *, label: str | None = None
 ) -> None:
     """Raise :class:`CheckpointError` unless ``state_dict`` has exactly the model's names and
     shapes. Dtypes may differ (loading casts), since a float16 or decoded checkpoint is fine."""
     model = task_or_model if isinstance(task_or_model, nn.Module) else task_or_model.make_model()
     expected = model.state_dict()
-    label = "the model" if isinstance(task_or_model, nn.Module) else f"task {task_or_model.name!r}"
+    if label is None:
+        label = "the model" if isinstance(task_or_model, nn.Module) else f"task {task_or_model.name!r}"
     missing = [name for name in expected if name not in state_dict]
     unexpected = [name for name in state_dict if name not in expected]
     reshaped = [
@@ -57,7 +58,7 @@ def load_task_model(
 ) -> nn.Module:
     """A model of ``task`` holding ``state_dict`` (checked first), on ``device``, in eval mode."""
     model = task.make_model()
-    check_state_dict_fits(model, state_dict)
+    check_state_dict_fits(model, state_dict, label=f"task {task.name!r}")
     reference = model.state_dict()
     model.load_state_dict(
         {name: tensor.to(reference[name].dtype) for name, tensor in state_dict.items()}

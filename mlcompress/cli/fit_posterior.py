@@ -1,0 +1,121 @@
+"""``mlcompress fit-posterior``: train a REC posterior under a per-block KL budget."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from mlcompress.cli import app, options
+from mlcompress.cli.output import Output
+from mlcompress.errors import UsageError
+
+_REFRESH_S = 0.25
+
+
+def _status_table(status) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("step", f"{status.step:,} / {status.steps:,}  ({status.step / max(status.seconds, 1e-9):.1f} steps/s)")
+    table.add_row("task loss", f"{status.loss_avg:.4f} (last 100 steps)")
+    table.add_row(
+        "KL per block",
+        f"min {status.kl_bits_min:.3f}  mean {status.kl_bits_mean:.3f}  max {status.kl_bits_max:.3f} bits"
+        f"  (budget {status.budget_bits} bits, {status.blocks:,} blocks)",
+    )
+    if status.beta_mean is not None:
+        table.add_row("beta (mean)", f"{status.beta_mean:.4g}")
+    if status.test is not None:
+        table.add_row(f"test {status.test.metric_name}", f"{status.test.metric:.4f} at the posterior mean")
+    return table
+
+
+@app.command("fit-posterior")
+def fit_posterior_command(
+    task: options.TaskName,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Trained model of the task to start from (.pt, .safetensors, .mrc).")] = None,
+    output: options.Output = None,
+    data: options.DataDir = None,
+    param: Annotated[str, typer.Option("--param", help="Posterior parameterization: mean-kl (budget holds by construction) or mean-var (beta annealing).")] = "mean-kl",
+    bits_per_block: Annotated[int, typer.Option("--bits-per-block", help="KL budget of one REC block in bits, 1..24 (2^bits candidates when encoding).")] = 20,
+    bits_per_weight: Annotated[float, typer.Option("--bits-per-weight", help="Budget per coded weight; sets the number of blocks.")] = 1.0,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in total (a resumed run continues up to this).")] = 2000,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: the task's).")] = None,
+    min_rec_numel: Annotated[int, typer.Option("--min-rec-numel", help="Give a posterior to Linear/conv weights with at least this many weights (the encoder's rule).")] = 1024,
+    local_reparam: Annotated[bool, typer.Option("--local-reparam/--no-local-reparam", help="Local reparameterization for Linear layers.")] = True,
+    beta_init: Annotated[float, typer.Option("--beta-init", help="mean-var: initial KL weight of every block.")] = 1.0,
+    beta_step: Annotated[Optional[float], typer.Option("--beta-step", help="mean-var: constant annealing step (MIRACLE: 5e-5); default: auto, shrinking over the run.")] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate on the test set every N steps (0: only at the end).")] = 500,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Resumable checkpoint file (default: OUTPUT.ckpt).", dir_okay=False)] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save the checkpoint every N steps (0: never).")] = 500,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
+    seed: options.Seed = 0,
+    device: options.Device = "auto",
+    force: options.Force = False,
+    json: options.Json = False,
+    quiet: options.Quiet = False,
+    debug: options.Debug = False,
+) -> None:
+    """Train a Gaussian posterior for REC (MIRACLE) and write a posterior file for `encode`."""
+    from mlcompress.atomic import check_destination
+    from mlcompress.posterior.fit import FitConfig, fit_to_file
+    from mlcompress.tasks import get_task
+
+    if output is None:
+        raise UsageError("say where to write the posterior", hint="pass -o posterior.safetensors")
+    if init is None and not resume:
+        raise UsageError("fit-posterior needs --init (a trained model of the task)", hint="train one with mlcompress train")
+    check_destination(output, force=force)
+    out = Output(json, quiet)
+    config = FitConfig(
+        parameterization=param, bits_per_block=bits_per_block, bits_per_weight=bits_per_weight,
+        steps=steps, lr=lr, batch_size=batch_size, seed=seed, local_reparam=local_reparam,
+        beta_init=beta_init, beta_step=beta_step, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, min_rec_numel=min_rec_numel,
+    )
+    chosen = get_task(task, data)
+    ckpt = checkpoint if checkpoint is not None else output.with_name(output.name + ".ckpt")
+    last_draw = [0.0]
+
+    def run(progress) -> dict:
+        return fit_to_file(chosen, init, config, output, checkpoint=ckpt, resume=resume,
+                           device=device, force=force, progress=progress)
+
+    if out.interactive:
+        with Live(console=out.err, transient=False, auto_refresh=False) as live:
+
+            def show(status) -> None:
+                now = time.monotonic()
+                if now - last_draw[0] >= _REFRESH_S or status.step == status.steps:
+                    live.update(_status_table(status), refresh=True)
+                    last_draw[0] = now
+
+            summary = run(show)
+    else:
+
+        def log(status) -> None:
+            if eval_every and status.step % eval_every == 0 and status.test is not None:
+                out.log(
+                    f"step {status.step}/{status.steps}: task loss {status.loss_avg:.4f}, KL/block "
+                    f"{status.kl_bits_min:.2f}..{status.kl_bits_max:.2f} bits (budget {status.budget_bits}), "
+                    f"test {status.test.metric_name} {status.test.metric:.4f}"
+                )
+
+        summary = run(None if json else log)
+
+    def render(console: Console) -> None:
+        name = summary["metric_name"]
+        console.print(
+            f"wrote {summary['output']}: {summary['parameterization']} posterior for {summary['task']}, "
+            f"{summary['coded_weights']:,} coded weights in {summary['blocks']:,} blocks of {summary['bits_per_block']} bits "
+            f"(KL/block mean {summary['kl_bits_mean']:.3f}, max {summary['kl_bits_max']:.3f} bits); "
+            f"{summary['steps']} steps in {summary['seconds']:.1f} s; test {name} {summary[name]:.4f} at the mean"
+        )
+        console.print(f"next: mlcompress encode {summary['output']} -o model.mrc")
+
+    out.result(summary, render)

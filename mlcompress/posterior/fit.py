@@ -1,0 +1,480 @@
+"""Training a posterior under a per-block KL budget: the loop behind ``mlcompress fit-posterior``.
+
+Starting from a trained model (``--init``), every coded weight gets a Gaussian posterior
+(:mod:`.variational`) and training minimises the task loss of sampled weights -- plus, for
+Mean-Var, the annealed KL penalty -- with Adam. What makes it usable on long runs:
+
+* **Deterministic given the seed** (on the CPU): weight noise and batch order come from two
+  ``torch.Generator`` objects seeded from ``seed``; nothing reads the global RNG.
+* **Resumable**: every ``checkpoint_every`` steps the whole state (posterior, prior, optimiser,
+  annealing, both generators and the position inside the current epoch) is saved atomically; a
+  resumed run continues exactly as the uninterrupted one would have.
+* **Fails cleanly**: a non-finite loss or gradient is caught *before* the optimiser step, so the
+  state is still the last good one; it is saved to the checkpoint and a one-line error says at
+  which step training diverged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from mlcompress.atomic import atomic_output
+from mlcompress.device import resolve_device
+from mlcompress.errors import InputError, MlcompressError, UsageError
+from mlcompress.posterior.file import Posterior, PosteriorTensor, save_posterior
+from mlcompress.posterior.meankl import NATS_PER_BIT
+from mlcompress.rec.compress import DEFAULT_MIN_REC_NUMEL
+from mlcompress.posterior.parameterization import MEAN_KL, MEAN_VAR, PARAMETERIZATIONS
+from mlcompress.posterior.training_layout import TrainingLayout, training_layout
+from mlcompress.posterior.variational import VariationalModel, default_coded_names
+from mlcompress.tasks import Evaluation, Task, check_state_dict_fits, evaluate_outputs
+from mlcompress.tasks.training import steps_per_epoch
+
+CHECKPOINT_FORMAT = "mlcompress-fit-checkpoint"
+_LR_FLOOR = 0.01  # the cosine schedule ends at this fraction of --lr
+CHECKPOINT_VERSION = 1
+
+
+class TrainingDiverged(MlcompressError):
+    """The loss or a gradient became NaN/Inf; the last good state was kept."""
+
+
+@dataclass
+class FitConfig:
+    """Everything that determines a fit; stored in checkpoints so ``--resume`` can check it."""
+
+    parameterization: str = MEAN_KL
+    bits_per_block: int = 20
+    bits_per_weight: float = 1.0
+    steps: int = 2000
+    lr: float = 1e-3
+    batch_size: int | None = None  # the task's default when None
+    seed: int = 0
+    local_reparam: bool = True
+    # Mean-Var annealing. beta_init 1 is the ELBO's own weighting of the KL against the data
+    # set's log-likelihood; MIRACLE starts at 1e-8 because it starts from scratch without KL, but
+    # we start from a trained model, and 1e-8 would need ~18/beta_step steps just to climb.
+    # beta_step None means "auto" (see beta_step_at).
+    beta_init: float = 1.0
+    beta_step: float | None = None
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    coded: list[str] | None = None  # parameter names that get a posterior; None: the default rule
+    min_rec_numel: int = DEFAULT_MIN_REC_NUMEL  # default rule: Linear/conv weights this large
+
+    def beta_step_at(self, step: int) -> float:
+        """The annealing step size after ``step`` steps (0-based).
+
+        A given ``beta_step`` is MIRACLE's constant rule (its paper uses 5e-5 over ~10^5 steps).
+        "auto" adapts to the run's length: it starts at ``min(0.05, 60/steps)``, enough for beta
+        to climb from 1e-8 to its working level in the first third of the run, and shrinks
+        geometrically to 1/100 of that by the end, so the limit cycle of beta around each
+        block's balance point (and with it KL_b around C_b) tightens as training settles.
+        """
+        if self.beta_step is not None:
+            return self.beta_step
+        start = min(0.05, 60.0 / self.steps)
+        return start * 0.01 ** (step / self.steps)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for the step after ``step`` steps: cosine decay from ``lr`` to lr/100.
+
+        Decaying matters beyond the usual end-of-training polish: at a constant rate Adam keeps
+        every weight jittering by about ``lr`` per step, and each block's KL jitters with it
+        (several percent for small blocks), so Mean-Var could never settle on its budget.
+        """
+        progress = min(step / self.steps, 1.0)
+        return self.lr * (_LR_FLOOR + (1.0 - _LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def validate(self) -> None:
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise UsageError(
+                f"unknown --param {self.parameterization!r}", hint="use mean-kl or mean-var"
+            )
+        if self.steps <= 0:
+            raise UsageError("--steps must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError("--lr must be a positive number")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise UsageError("--batch-size must be positive")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise UsageError("--eval-every and --checkpoint-every must be >= 0 (0: never)")
+        if not (self.beta_init > 0) or (self.beta_step is not None and not self.beta_step > 0):
+            raise UsageError("--beta-init and --beta-step must be positive")
+
+
+@dataclass
+class FitStatus:
+    """What the live display shows after a step."""
+
+    step: int
+    steps: int
+    loss: float  # task loss of this step's batch (sampled weights)
+    loss_avg: float  # running mean of the task loss over the last 100 steps
+    kl_bits_min: float
+    kl_bits_mean: float
+    kl_bits_max: float
+    budget_bits: float
+    blocks: int
+    beta_mean: float | None
+    test: Evaluation | None
+    seconds: float
+
+
+@dataclass
+class FitResult:
+    model: VariationalModel
+    layout: TrainingLayout
+    config: FitConfig
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    test: Evaluation | None = None
+
+
+def build_variational(
+    task: Task,
+    init: Mapping[str, torch.Tensor],
+    config: FitConfig,
+    device: torch.device,
+) -> tuple[VariationalModel, TrainingLayout]:
+    """The variational model of ``task`` started at the weights ``init``, with its block layout."""
+    check_state_dict_fits(task, init)
+    base = task.make_model()
+    reference = base.state_dict()
+    base.load_state_dict({name: tensor.to(reference[name].dtype) for name, tensor in init.items()})
+    params = dict(base.named_parameters())
+    coded = list(config.coded) if config.coded is not None else default_coded_names(base, config.min_rec_numel)
+    unknown = [name for name in coded if name not in params]
+    if unknown:
+        raise InputError(f"cannot give a posterior to {', '.join(unknown)}: not parameters of the model")
+    if not coded:
+        raise InputError(
+            f"task {task.name!r}: no Linear or convolution weight has {config.min_rec_numel} or more weights",
+            hint="lower --min-rec-numel",
+        )
+    layout = training_layout(
+        {name: tuple(params[name].shape) for name in coded},
+        bits_per_block=config.bits_per_block,
+        bits_per_weight=config.bits_per_weight,
+        seed=config.seed,
+    )
+    model = VariationalModel(
+        base,
+        coded,
+        layout.block_of,
+        layout.budget_nats,
+        config.parameterization,
+        local_reparam=config.local_reparam,
+        beta_init=config.beta_init,
+    )
+    return model.to(device), layout
+
+
+def _batches(task: Task, batch_size: int, generator: torch.Generator, epoch_state: torch.Tensor,
+             skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Endless batches with, for each, the generator state at its epoch's start and its index in
+    the epoch: enough to restart at exactly this batch."""
+    generator.set_state(epoch_state)
+    while True:
+        start_state = generator.get_state()
+        for index, (inputs, targets) in enumerate(task.train_batches(batch_size, generator)):
+            if index >= skip:
+                yield inputs, targets, start_state, index
+        skip = 0
+
+
+def evaluate_posterior(task: Task, model: VariationalModel, device: torch.device, *,
+                       samples: int = 0, seed: int = 0) -> Evaluation:
+    """Test loss and metric at the posterior mean (``samples == 0``) or averaged over
+    ``samples`` weight draws (each one a model the REC decoder could produce)."""
+    model.eval()
+    with torch.no_grad():
+        dist = model.distribution()
+        if samples <= 0:
+            return evaluate_outputs(task, lambda x: model(x, dist, sample=False), device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        results = []
+        for _ in range(samples):
+            mu, sigma, rho = dist
+            noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            drawn = (mu + sigma * noise, sigma, rho)
+            results.append(evaluate_outputs(task, lambda x: model(x, drawn, sample=False), device))
+    return Evaluation(
+        loss=sum(r.loss for r in results) / samples,
+        metric=sum(r.metric for r in results) / samples,
+        metric_name=results[0].metric_name,
+        examples=results[0].examples,
+    )
+
+
+def _save_checkpoint(path: Path, *, task: Task, config: FitConfig, model: VariationalModel,
+                     optimizer: torch.optim.Optimizer, step: int, noise: torch.Generator,
+                     epoch_state: torch.Tensor, batch_index: int, history: list) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "task": task.name,
+        "config": asdict(config),
+        "step": step,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "noise_rng": noise.get_state().cpu(),
+        "epoch_rng": epoch_state,
+        "batch_index": batch_index,
+        "history": history,
+    }
+    with atomic_output(path, force=True) as tmp:
+        torch.save(state, tmp)
+
+
+def load_fit_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`fit_posterior`, loaded without unpickling code."""
+    if not path.is_file():
+        raise InputError(f"no checkpoint to resume from at {path}", hint="run without --resume first")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        raise InputError(f"cannot read fit checkpoint {path}: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a fit-posterior checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise InputError(f"{path} is a fit-posterior checkpoint of version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+    return state
+
+
+_MUST_MATCH_ON_RESUME = ("parameterization", "bits_per_block", "bits_per_weight", "seed",
+                         "local_reparam", "coded", "min_rec_numel", "batch_size", "beta_init")
+
+
+def fit_posterior(
+    task: Task,
+    init: Mapping[str, torch.Tensor] | None,
+    config: FitConfig,
+    *,
+    device: str | torch.device = "auto",
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[FitStatus], None] | None = None,
+) -> FitResult:
+    """Train a posterior for ``task`` starting from ``init`` (a state dict of the task's model).
+
+    With ``resume`` the state comes from ``checkpoint`` instead (``init`` may then be None) and
+    training continues up to ``config.steps``; the settings that shape the posterior must match
+    the checkpoint's.
+    """
+    config.validate()
+    dev = resolve_device(device)
+    if resume and checkpoint is None:
+        raise UsageError("--resume needs a checkpoint path")
+    saved = load_fit_checkpoint(checkpoint) if resume else None
+    if saved is not None:
+        if saved["task"] != task.name:
+            raise InputError(f"checkpoint {checkpoint} is for task {saved['task']!r}, not {task.name!r}")
+        for key in _MUST_MATCH_ON_RESUME:
+            if saved["config"].get(key) != getattr(config, key):
+                raise UsageError(
+                    f"--resume: {key} is {getattr(config, key)!r} but the checkpoint was made with "
+                    f"{saved['config'].get(key)!r}", hint="resume with the original settings",
+                )
+        if config.steps < saved["step"]:
+            raise UsageError(f"--steps {config.steps} is below the checkpoint's step {saved['step']}")
+        init = task.make_model().state_dict()  # shapes only: every value is replaced below
+    if init is None:
+        raise UsageError("fit-posterior needs --init (a trained model of the task) or --resume")
+
+    model, layout = build_variational(task, init, config, dev)
+    optimizer = torch.optim.Adam(model.trainable(), lr=config.lr)
+    noise = torch.Generator(device=dev).manual_seed(config.seed)
+    order = torch.Generator().manual_seed(config.seed)
+    epoch_state, skip, step, history = order.get_state(), 0, 0, []
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        noise.set_state(saved["noise_rng"].to(noise.get_state().device))
+        epoch_state, skip, step, history = saved["epoch_rng"], saved["batch_index"], saved["step"], saved["history"]
+
+    batch_size = config.batch_size or task.batch_size
+    num_train = _num_train(task, batch_size)
+    epoch_length = steps_per_epoch(task, batch_size)
+    budget_bits = config.bits_per_block
+    recent: list[float] = []
+    test: Evaluation | None = None
+    started = time.perf_counter()
+    model.train()
+    batches = _batches(task, batch_size, order, epoch_state, skip)
+
+    def save(at_step: int, state: torch.Tensor, index: int) -> None:
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, task=task, config=config, model=model, optimizer=optimizer,
+                             step=at_step, noise=noise, epoch_state=state, batch_index=index,
+                             history=history)
+
+    while step < config.steps:
+        inputs, targets, state, index = next(batches)
+        noise_before = noise.get_state()
+        dist = model.distribution()
+        outputs = model(inputs.to(dev), dist, generator=noise)
+        task_loss = task.loss(outputs, targets.to(dev))
+        kl = model.kl_per_block(dist)
+        loss = task_loss + model.q.penalty(kl, num_train)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        value = float(task_loss.detach())
+        bad = not math.isfinite(float(loss.detach())) or any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in model.trainable()
+        )
+        if bad:
+            # Nothing has been updated yet: the model holds the state after `step` good steps.
+            noise.set_state(noise_before)
+            save(step, state, index)
+            where = f"kept the last good state (step {step}) in {checkpoint}" if checkpoint else "no checkpoint was requested"
+            raise TrainingDiverged(
+                f"training diverged: the loss or its gradient became {value if not math.isfinite(value) else 'non-finite'} "
+                f"at step {step + 1}; {where}",
+                hint="lower --lr",
+            )
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(step)
+        optimizer.step()
+        model.q.after_step(kl, config.beta_step_at(step))
+        step += 1
+        recent = (recent + [value])[-100:]
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            test = evaluate_posterior(task, model, dev)
+            model.train()
+        kl_bits = kl.detach() / NATS_PER_BIT
+        record = {"step": step, "loss": value, "kl_bits_mean": float(kl_bits.mean())}
+        if test is not None and config.eval_every and step % config.eval_every == 0:
+            record["test_metric"] = test.metric
+        history.append(record)
+        periodic = config.checkpoint_every and step % config.checkpoint_every == 0
+        if checkpoint is not None and (periodic or step == config.steps):
+            nxt_state, nxt_index = _position_after(task, batch_size, state, index, epoch_length)
+            save(step, nxt_state, nxt_index)
+        if progress is not None:
+            beta = getattr(model.q, "beta", None)
+            progress(FitStatus(
+                step=step, steps=config.steps, loss=value, loss_avg=sum(recent) / len(recent),
+                kl_bits_min=float(kl_bits.min()), kl_bits_mean=float(kl_bits.mean()),
+                kl_bits_max=float(kl_bits.max()), budget_bits=budget_bits, blocks=layout.num_blocks,
+                beta_mean=float(beta.mean()) if beta is not None else None, test=test,
+                seconds=time.perf_counter() - started,
+            ))
+    model.eval()
+    return FitResult(model=model, layout=layout, config=config, steps=step,
+                     seconds=time.perf_counter() - started, history=history, test=test)
+
+
+def _num_train(task: Task, batch_size: int) -> int:
+    """Training-set size (MIRACLE's KL weight is relative to the whole data set's likelihood)."""
+    size = getattr(task, "train_inputs", None)
+    if size is not None:
+        return len(size)
+    return sum(len(t) for _, t in task.train_batches(batch_size, torch.Generator().manual_seed(0)))
+
+
+def _position_after(task: Task, batch_size: int, epoch_state: torch.Tensor, index: int,
+                    epoch_length: int) -> tuple[torch.Tensor, int]:
+    """Where the batch stream stands after batch ``index`` of the epoch that began at
+    ``epoch_state``: the next batch of the same epoch, or the start of the next epoch (found by
+    replaying the epoch, so tasks may draw from the generator whenever they like)."""
+    if index + 1 < epoch_length:
+        return epoch_state, index + 1
+    generator = torch.Generator()
+    generator.set_state(epoch_state)
+    for _ in task.train_batches(batch_size, generator):
+        pass
+    return generator.get_state(), 0
+
+
+def posterior_of(result: FitResult, task: Task) -> Posterior:
+    """The fitted posterior in the REC posterior-file form that ``mlcompress encode`` reads:
+    coded tensors with their mean, std, prior and block count; everything else of the model's
+    state dict (biases, norms, buffers) as fixed values."""
+    model, layout = result.model, result.layout
+    with torch.no_grad():
+        mu, sigma, _ = model.distribution()
+        rho = model.prior_std()
+        kl_bits = model.kl_per_block() / NATS_PER_BIT
+    means, stds = dict(model.split(mu.float())), dict(model.split(sigma.float()))
+    blocks = layout.blocks_per_tensor()
+    tensors = {
+        name: PosteriorTensor(mean=means[name].cpu(), std=stds[name].cpu(), prior_mean=0.0,
+                              prior_std=float(rho[i]), num_blocks=blocks[name])
+        for i, name in enumerate(model.coded)
+    }
+    fixed = {name: t.detach().cpu() for name, t in model.base.state_dict().items() if name not in tensors}
+    return Posterior(
+        tensors=tensors,
+        bits_per_block=layout.bits_per_block,
+        layout_seed=layout.seed,
+        fixed=fixed,
+        parameterization=result.config.parameterization,
+        extra={
+            "task": task.name,
+            "steps": result.steps,
+            "bits_per_weight": result.config.bits_per_weight,
+            "kl_bits_mean": float(kl_bits.mean()),
+            "kl_bits_max": float(kl_bits.max()),
+        },
+    )
+
+
+def save_fit(result: FitResult, task: Task, path: str | Path, *, force: bool = False) -> Path:
+    """Write the fitted posterior to ``path`` (atomically) as a posterior file."""
+    return save_posterior(posterior_of(result, task), path, force=force)
+
+
+def fit_to_file(
+    task: Task,
+    init: str | Path | None,
+    config: FitConfig,
+    output: str | Path,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    device: str | torch.device = "auto",
+    force: bool = False,
+    progress: Callable[[FitStatus], None] | None = None,
+    unsafe_pickle: bool = False,
+) -> dict[str, Any]:
+    """``fit-posterior`` end to end: read ``init``, fit, write the posterior file; a summary."""
+    from mlcompress.atomic import check_destination
+    from mlcompress.checkpoint import load_checkpoint
+
+    check_destination(output, force=force)
+    state = load_checkpoint(init, unsafe_pickle=unsafe_pickle) if init is not None and not resume else None
+    result = fit_posterior(task, state, config, device=device, checkpoint=checkpoint, resume=resume,
+                           progress=progress)
+    path = save_fit(result, task, output, force=force)
+    dev = resolve_device(device)
+    test = result.test if result.test is not None else evaluate_posterior(task, result.model, dev)
+    with torch.no_grad():
+        kl_bits = result.model.kl_per_block() / NATS_PER_BIT
+    summary = {
+        "output": str(path),
+        "task": task.name,
+        "parameterization": config.parameterization,
+        "coded_tensors": len(result.model.coded),
+        "coded_weights": int(sum(result.model.sizes)),
+        "blocks": result.layout.num_blocks,
+        "bits_per_block": config.bits_per_block,
+        "bits_per_weight": config.bits_per_weight,
+        "kl_bits_mean": float(kl_bits.mean()),
+        "kl_bits_min": float(kl_bits.min()),
+        "kl_bits_max": float(kl_bits.max()),
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "test_loss": test.loss,
+        "metric_name": test.metric_name,
+        test.metric_name: test.metric,
+    }
+    return summary

@@ -1,0 +1,86 @@
+"""The REC block layout seen from training: one block id per coded weight, and each block's budget.
+
+The encoder splits every coded tensor into blocks with :class:`mlcompress.rec.layout.BlockLayout`
+(a keyed bijection from block slots to weights, reproducible from ``numel``, ``num_blocks`` and
+``seed``). Training must control the KL of exactly those blocks, so this module evaluates the
+same layouts and flattens them into the ``block_of`` vector the variational model reduces over.
+
+Block count per tensor: the encoder's own rule
+(:func:`mlcompress.rec.compress.blocks_for_budget`: ``round(numel * bits_per_weight /
+bits_per_block)``, at least one), so the file spends about ``bits_per_weight`` bits on each coded
+weight; budgets that would put less than one weight, or more than the encoder's cap, in a block
+are refused with its messages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mlcompress.errors import InputError
+from mlcompress.posterior.meankl import NATS_PER_BIT
+from mlcompress.posterior.file import MAX_BITS_PER_BLOCK, MIN_BITS_PER_BLOCK
+from mlcompress.rec.compress import blocks_for_budget
+from mlcompress.rec.layout import BlockLayout
+
+
+@dataclass
+class TrainingLayout:
+    """Blocks of all coded tensors, numbered consecutively in tensor order."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    layouts: list[BlockLayout]
+    bits_per_block: int
+    seed: int
+    block_of: torch.Tensor  # int64 [total coded weights]: global block id of each weight
+    budget_nats: torch.Tensor  # float64 [num_blocks]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.budget_nats)
+
+    def blocks_per_tensor(self) -> dict[str, int]:
+        return {name: layout.num_blocks for name, layout in zip(self.names, self.layouts)}
+
+
+def training_layout(
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    bits_per_block: int,
+    bits_per_weight: float,
+    seed: int,
+) -> TrainingLayout:
+    """The block layout of the coded tensors ``shapes`` (name -> shape, in coding order)."""
+    if not (isinstance(bits_per_block, int) and MIN_BITS_PER_BLOCK <= bits_per_block <= MAX_BITS_PER_BLOCK):
+        raise InputError(
+            f"--bits-per-block must be an integer in [{MIN_BITS_PER_BLOCK}, {MAX_BITS_PER_BLOCK}], got {bits_per_block}"
+        )
+    if not (bits_per_weight > 0 and math.isfinite(bits_per_weight)):
+        raise InputError(f"--bits-per-weight must be a positive number, got {bits_per_weight}")
+    layout_seed = seed % (1 << 64)
+    names, layouts, pieces = [], [], []
+    offset = 0
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        count = blocks_for_budget(numel, bits_per_weight, bits_per_block, name)
+        layout = BlockLayout(numel=numel, num_blocks=count, seed=layout_seed)
+        block_of_slot = torch.repeat_interleave(torch.arange(count), layout.block_sizes())
+        block_of = torch.empty(numel, dtype=torch.int64)
+        block_of[layout.flat_index()] = block_of_slot + offset
+        names.append(name)
+        layouts.append(layout)
+        pieces.append(block_of)
+        offset += count
+    budget = torch.full((offset,), bits_per_block * NATS_PER_BIT, dtype=torch.float64)
+    return TrainingLayout(
+        names=names,
+        shapes=[tuple(s) for s in shapes.values()],
+        layouts=layouts,
+        bits_per_block=bits_per_block,
+        seed=layout_seed,
+        block_of=torch.cat(pieces),
+        budget_nats=budget,
+    )
