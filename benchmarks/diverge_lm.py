@@ -83,10 +83,11 @@ def write_tokens(path: Path, *, tokens: int, vocab: int, doc_len: int, seed: int
     return path
 
 
-def overhead(ref: Path, cmp: Path, data: Path, ctx: int, batch: int, reps: int) -> dict:
+def overhead(ref: Path, cmp: Path, data: Path, ctx: int, batch: int, reps: int, compiled: bool = False) -> dict:
     best = None
     for _ in range(reps):
-        r = diverge(ref, cmp, DivergeOptions(data=data, ctx=ctx, batch_size=batch, device="cpu")).report
+        opts = DivergeOptions(data=data, ctx=ctx, batch_size=batch, device="cpu", compiled=compiled)
+        r = diverge(ref, cmp, opts).report
         t = r["timing"]
         if best is None or t["forward_s"] + t["measures_s"] < best["forward_s"] + best["measures_s"]:
             best = dict(t, positions=r["positions"], kl=r["kl"]["mean"])
@@ -137,6 +138,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes, one repetition")
     ap.add_argument("--gpt2", action="store_true", help="GPT-2 small's shape (d 768, 12 layers, 50257 tokens)")
+    ap.add_argument("--overhead-only", action="store_true", help="skip the memory and cache parts")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -156,13 +158,19 @@ def main() -> None:
         data = write_tokens(root / "data.jsonl", tokens=tokens, vocab=vocab, doc_len=ctx)
         print(f"mean next-token entropy of the reference: {mean_entropy(ref, data, ctx):.2f} nats")
 
-        t = overhead(ref, cmp, data, ctx, batch, reps)
-        total = t["forward_s"] + t["measures_s"]
-        print("\n== overhead (best of %d) ==" % reps)
-        print(f"scored tokens {t['positions']}, mean KL {t['kl']:.4g}")
-        print(f"forward passes (both models): {t['forward_s']:.2f} s")
-        print(f"divergence computation:       {t['measures_s']:.2f} s  = {100 * t['measures_s'] / t['forward_s']:.1f}% of the forward passes")
-        print(f"scored tokens/s: {t['positions'] / total:.0f}   (tokens through each model/s: {2 * t['positions'] / total:.0f}, second-half scoring)")
+        print("\n== overhead (best of %d): divergence computation vs the two forward passes ==" % reps)
+        t0 = time.perf_counter()
+        overhead(ref, cmp, write_tokens(root / "warm.jsonl", tokens=ctx, vocab=vocab, doc_len=ctx), ctx, 1, 1, True)
+        print(f"torch.compile warm-up (one-time, --compile): {time.perf_counter() - t0:.1f} s")
+        for compiled in (False, True):
+            t = overhead(ref, cmp, data, ctx, batch, reps, compiled)
+            total = t["forward_s"] + t["measures_s"]
+            label = "--compile" if compiled else "eager    "
+            print(f"{label}: {t['positions']} scored tokens, KL {t['kl']:.4g}; forward {t['forward_s']:.2f} s, "
+                  f"measures {t['measures_s']:.2f} s = {100 * t['measures_s'] / t['forward_s']:.1f}% of forward; "
+                  f"{t['positions'] / total:.0f} scored tokens/s ({2 * t['positions'] / total:.0f} tokens/s through each model)")
+        if args.overhead_only:
+            return
 
         print("\n== peak memory, fresh process ==")
         small = write_tokens(root / "small.jsonl", tokens=tokens // 4, vocab=vocab, doc_len=ctx, seed=1)

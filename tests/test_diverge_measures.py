@@ -152,3 +152,16 @@ def test_binomial_rate_and_perplexity():
     assert p.cmp == pytest.approx(4.0)
     assert p.ratio == pytest.approx(4.0 / math.sqrt(8))
     assert p.ln_ratio == pytest.approx(math.log(4.0 / math.sqrt(8)))
+
+
+@pytest.mark.slow
+def test_compiled_kernel_matches_eager():
+    # torch.compile takes ~20 s on the CPU the first time, hence slow (run with -m slow).
+    torch.manual_seed(2)
+    x = torch.randn(100, 5000) * 3
+    y = x + 0.2 * torch.randn(100, 5000)
+    eager = token_measures(x, y, torch.randint(0, 5000, (100,)))
+    fused = token_measures(x, y, torch.randint(0, 5000, (100,)), compiled=True)
+    for name in ("kl", "rkl", "js", "tv"):
+        assert torch.allclose(getattr(eager, name), getattr(fused, name), rtol=1e-4, atol=1e-7), name
+    assert torch.equal(eager.same_top, fused.same_top)

@@ -34,6 +34,7 @@ def diverge(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the per-position KL histogram to this image (needs matplotlib).", dir_okay=False)] = None,
     shared_vocab: Annotated[bool, typer.Option("--shared-vocab", help="Compare models with different vocabulary sizes over their shared prefix.")] = False,
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture for weights-only files: a model directory, a TorchScript file, or a task (lenet5, mlp-digits).")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="Fuse the divergence arithmetic with torch.compile: ~4x faster measures after a one-time compile of ~20 s (needs a C++ compiler on the CPU).")] = False,
     seed: options.Seed = 0,
     device: options.Device = "auto",
     unsafe_pickle: options.UnsafePickle = False,
@@ -63,6 +64,7 @@ def diverge(
         batch_size=batch_size, device=device, mode=mode, samples=samples, length=length, bos=bos,
         seed=seed, save_ref=save_ref, ref_logits=ref_logits, top_k=top_k,
         shared_vocab=shared_vocab, arch=arch, unsafe_pickle=unsafe_pickle, force=force,
+        compiled=compile_,
     )
     with out.progress("scoring", total=None) as advance:
         result = run_diverge(ref, cmp, opts, progress=lambda n, total: advance(n))

@@ -51,6 +51,7 @@ class DivergeOptions:
     arch: str | None = None
     unsafe_pickle: bool = False
     force: bool = False
+    compiled: bool = False  # --compile: fuse the divergence arithmetic with torch.compile
 
 
 @dataclass
@@ -157,7 +158,7 @@ def _data_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeResult:
     ctx = _context(o.ctx, ref_model.max_positions, cmp_model.max_positions)
     settings = LmSettings(
         ctx=ctx, stride=o.stride, score=o.score, batch_size=o.batch_size,
-        shared_vocab=o.shared_vocab,
+        shared_vocab=o.shared_vocab, compiled=o.compiled,
     )
     documents = read_documents(o.data, field=o.field, tokenize=tokenizer.encode if tokenizer else None)
     writer = RefCacheWriter(o.top_k) if o.save_ref is not None else None

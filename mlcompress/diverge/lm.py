@@ -32,6 +32,7 @@ class LmSettings:
     score: str = "second-half"
     batch_size: int = 4
     shared_vocab: bool = False
+    compiled: bool = False  # fuse the measures with torch.compile
 
     @property
     def effective_stride(self) -> int:
@@ -160,7 +161,7 @@ def compare_lms(
         ref_flat = ref_logits.reshape(-1, ref_logits.shape[-1])
         cmp_flat = cmp_logits.reshape(-1, cmp_logits.shape[-1])
         rows, targets = scored_index(batch, ids.shape[1])
-        m = _batch_measures(ref_flat, cmp_flat, rows, targets, vocab)
+        m = _batch_measures(ref_flat, cmp_flat, rows, targets, vocab, settings.compiled)
         if on_ref_batch is not None:
             on_ref_batch(batch, ref_flat, rows, m)
         m = m.to("cpu")
@@ -185,13 +186,18 @@ def compare_lms(
 
 
 def _batch_measures(
-    ref_flat: torch.Tensor, cmp_flat: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, vocab: int
+    ref_flat: torch.Tensor,
+    cmp_flat: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    vocab: int,
+    compiled: bool = False,
 ) -> TokenMeasures:
     """Divergences over the compared vocabulary; likelihoods under each model's own full one."""
     targets = targets.to(ref_flat.device)
     if ref_flat.shape[-1] == vocab and cmp_flat.shape[-1] == vocab:
-        return token_measures(ref_flat, cmp_flat, targets, rows=rows)
-    m = token_measures(ref_flat[:, :vocab], cmp_flat[:, :vocab], rows=rows)
+        return token_measures(ref_flat, cmp_flat, targets, rows=rows, compiled=compiled)
+    m = token_measures(ref_flat[:, :vocab], cmp_flat[:, :vocab], rows=rows, compiled=compiled)
     m.ref_logp = target_log_probs(ref_flat, rows, targets)
     m.cmp_logp = target_log_probs(cmp_flat, rows, targets)
     return m

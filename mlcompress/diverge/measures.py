@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -80,8 +81,14 @@ def check_finite(logits: torch.Tensor, who: str) -> None:
         raise _NonFinite(who, int(bad.any(dim=-1).nonzero()[0, 0]))
 
 
+def _chunk_max_sum(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maxima of one chunk and the sums of exp(part - max)."""
+    part_max = part.amax(dim=-1)
+    return part_max, (part - part_max.unsqueeze(-1)).exp_().sum(-1)
+
+
 def log_normaliser(
-    logits: torch.Tensor, vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    logits: torch.Tensor, vocab_chunk: int = DEFAULT_VOCAB_CHUNK, *, compiled: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise ``(max, log sum exp(logits - max))`` of ``[rows, vocab]`` logits, by chunks.
 
@@ -91,11 +98,10 @@ def log_normaliser(
     between identical-but-differently-chunked computations. Keeping the parts apart lets callers
     subtract them one after the other, so each log-probability is rounded only at its own size.
     """
+    max_sum = kernel(_chunk_max_sum, compiled)
     maxes, sums = None, None
     for start in range(0, logits.shape[-1], vocab_chunk):
-        part = _as_float(logits[:, start : start + vocab_chunk])
-        part_max = part.amax(dim=-1)
-        part_sum = (part - part_max.unsqueeze(-1)).exp_().sum(-1)
+        part_max, part_sum = max_sum(_as_float(logits[:, start : start + vocab_chunk]))
         if maxes is None:
             maxes, sums = part_max, part_sum
             continue
@@ -113,6 +119,7 @@ def token_measures(
     rows: torch.Tensor | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    compiled: bool = False,
 ) -> TokenMeasures:
     """Divergences between the distributions ``softmax(ref_logits)`` and ``softmax(cmp_logits)``.
 
@@ -121,7 +128,8 @@ def token_measures(
     to measure, so a caller can score a scattered subset of a batch's logits without copying them
     (only one row block is ever gathered). ``targets``: optional observed token ids, one per
     measured position, for the log-likelihoods and delta-p. Log-probabilities are valid logits,
-    so the seed's worked examples are ``token_measures(P.log(), Q.log())``.
+    so the seed's worked examples are ``token_measures(P.log(), Q.log())``. ``compiled`` fuses
+    the arithmetic with torch.compile (see :func:`kernel`).
     """
     if ref_logits.shape != cmp_logits.shape or ref_logits.dim() != 2:
         raise InputError(
@@ -143,12 +151,20 @@ def token_measures(
             x, y = ref_logits.index_select(0, idx), cmp_logits.index_select(0, idx)
         tgt = None if targets is None else targets[r0 : r0 + block_rows]
         try:
-            parts.append(_block_measures(x, y, tgt, vocab_chunk))
+            parts.append(_block_measures(x, y, tgt, vocab_chunk, compiled))
         except _NonFinite as exc:
             raise InputError(
                 f"the {exc.who} model produced non-finite logits (NaN or inf) at measured "
                 f"position {r0 + exc.row}",
                 hint="check the checkpoint for damaged weights or run on another --device",
+            ) from None
+        except Exception as exc:
+            if not compiled:
+                raise
+            raise InputError(
+                f"--compile: torch.compile failed ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})",
+                hint="drop --compile (it needs a C++ compiler on the CPU, Triton on CUDA)",
             ) from None
     if not parts:
         z = ref_logits.new_zeros(0, dtype=_as_float(ref_logits[:0]).dtype)
@@ -157,11 +173,63 @@ def token_measures(
     return TokenMeasures.cat(parts)
 
 
+def _chunk_sums(
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    max_x: torch.Tensor,
+    lsum_x: torch.Tensor,
+    max_y: torch.Tensor,
+    lsum_y: torch.Tensor,
+    shift: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One vocabulary chunk's contributions to KL, reverse KL, 2 JS, 2 TV and same-top.
+
+    The only place the divergence arithmetic lives: run eagerly, or fused into one loop by
+    torch.compile (``compiled=True``), ~4x faster on the CPU where eager mode makes ~30 passes
+    over each chunk.
+    """
+    p = (cx - max_x).sub_(lsum_x).exp_()
+    q = (cy - max_y).sub_(lsum_y).exp_()
+    # Same top: some token is a maximum of both rows (an argmax is ~10x slower than this on
+    # the CPU; with ties, agreeing on any tied top token counts as agreement).
+    same = ((cx == max_x) & (cy == max_y)).any(-1)
+    d = (cx - cy).sub_(shift)  # log p - log q
+    kl = torch.linalg.vecdot(p, d)
+    rkl = -torch.linalg.vecdot(q, d)
+    # JS terms, log p - log m = log 2 - softplus(-d) and log q - log m = log 2 - softplus(d)
+    # with m = (p + q) / 2, written as softplus(+-d) = relu(+-d) + log1p(exp(-|d|)): each term
+    # is formed from d directly (no large numbers cancel, whatever the distributions), and
+    # it is several times cheaper than two softplus calls on the CPU.
+    b = d.abs().neg_().exp_().log1p_().neg_().add_(LOG2)  # log 2 - log1p(exp(-|d|))
+    mix = torch.linalg.vecdot(p, torch.clamp(d, max=0.0).add_(b))
+    mix = mix + torch.linalg.vecdot(q, torch.clamp(d, min=0.0).neg_().add_(b))
+    tv = p.sub_(q).abs_().sum(-1)
+    return kl, rkl, mix, tv, same
+
+
+_compiled: dict[Callable, Callable] = {}
+
+
+def kernel(fn: Callable, compiled: bool = False) -> Callable:
+    """``fn`` itself, or ``fn`` compiled once per process (compilation takes ~20 s on the CPU
+    the first time and needs a C++ compiler there, Triton on CUDA)."""
+    if not compiled:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
 def _block_measures(
-    x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None, vocab_chunk: int
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: torch.Tensor | None,
+    vocab_chunk: int,
+    compiled: bool = False,
 ) -> TokenMeasures:
-    max_x, lsum_x = log_normaliser(x, vocab_chunk)
-    max_y, lsum_y = log_normaliser(y, vocab_chunk)
+    max_x, lsum_x = log_normaliser(x, vocab_chunk, compiled=compiled)
+    max_y, lsum_y = log_normaliser(y, vocab_chunk, compiled=compiled)
+    chunk_sums = kernel(_chunk_sums, compiled)
     same = torch.zeros_like(max_x, dtype=torch.bool)
     kl = torch.zeros_like(max_x)
     rkl = torch.zeros_like(max_x)
@@ -174,22 +242,12 @@ def _block_measures(
     for start in range(0, x.shape[-1], vocab_chunk):
         cx = _as_float(x[:, start : start + vocab_chunk])
         cy = _as_float(y[:, start : start + vocab_chunk])
-        p = (cx - max_x).sub_(lsum_x).exp_()
-        q = (cy - max_y).sub_(lsum_y).exp_()
-        # Same top: some token is a maximum of both rows (an argmax is ~10x slower than this on
-        # the CPU; with ties, agreeing on any tied top token counts as agreement).
-        same |= ((cx == max_x) & (cy == max_y)).any(-1)
-        d = (cx - cy).sub_(shift)  # log p - log q
-        kl += torch.linalg.vecdot(p, d)
-        rkl -= torch.linalg.vecdot(q, d)
-        # JS terms, log p - log m = log 2 - softplus(-d) and log q - log m = log 2 - softplus(d)
-        # with m = (p + q) / 2, written as softplus(+-d) = relu(+-d) + log1p(exp(-|d|)): each term
-        # is formed from d directly (no large numbers cancel, whatever the distributions), and
-        # it is several times cheaper than two softplus calls on the CPU.
-        b = d.abs().neg_().exp_().log1p_().neg_().add_(LOG2)  # log 2 - log1p(exp(-|d|))
-        mix += torch.linalg.vecdot(p, torch.clamp(d, max=0.0).add_(b))
-        mix += torch.linalg.vecdot(q, torch.clamp(d, min=0.0).neg_().add_(b))
-        tv += p.sub_(q).abs_().sum(-1)
+        c_kl, c_rkl, c_mix, c_tv, c_same = chunk_sums(cx, cy, max_x, lsum_x, max_y, lsum_y, shift)
+        kl += c_kl
+        rkl += c_rkl
+        mix += c_mix
+        tv += c_tv
+        same |= c_same
     js = 0.5 * mix
     # Non-finite logits make some of these NaN/inf (NaN or +inf poison the normaliser; a -inf
     # logit gives 0 * inf); finite logits never do. Checking the outputs costs nothing, whereas
