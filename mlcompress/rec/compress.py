@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_BITS_PER_WEIGHT",
     "DEFAULT_MIN_REC_NUMEL",
     "rec_params",
+    "coefficient_matrix",
     "encode_items",
     "blocks_for_budget",
     "encode_rec",
@@ -144,8 +145,9 @@ def rec_params(item: RecItem, *, bits: int, seed: int, selection: str, index_cod
     }
 
 
-def _coefficient_matrix(items: list[RecItem], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score coefficients of every block of every item, padded to ``width`` slots with zeros."""
+def coefficient_matrix(items: list[RecItem], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` float32 ``[total blocks, width]``: score coefficients of every block of every
+    item, in item order, slot ``j`` of a block in column ``j``, short blocks padded with zeros."""
     total = sum(it.layout.num_blocks for it in items)
     a_all = torch.zeros(total, width, dtype=torch.float32)
     b_all = torch.zeros(total, width, dtype=torch.float32)
@@ -179,7 +181,7 @@ def encode_items(
                 hint="raise the bits per weight or lower --bits-per-block",
             )
     width = max(it.layout.max_block_size for it in items)
-    a, b = _coefficient_matrix(items, width)
+    a, b = coefficient_matrix(items, width)
     indices = select_candidates(a, b, bits=bits, seed=seed, selection=selection, device=device, progress=progress)
     results = []
     row = 0
@@ -237,7 +239,7 @@ def _dtype_name(tensor: torch.Tensor) -> str:
     return dtype_name(tensor.dtype)
 
 
-def _estimate_overhead(src: str | os.PathLike, others: list, rec_shapes: list[tuple[str, tuple[int, ...], str]], metadata: dict) -> int:
+def _estimate_overhead(others: list, rec_shapes: list[tuple[str, tuple[int, ...], str]], metadata: dict) -> int:
     """File bytes of everything but the REC payloads: write the container with empty REC
     payloads to a scratch file and measure it (plus a margin for digits and alignment)."""
     from mlcompress.container import EncodedTensor, write_encoded
@@ -338,7 +340,7 @@ def encode_rec(
         total = sum(numels.values())
         if options.target_size is not None:
             shapes = [(n, tuple(tensors[n].shape), _dtype_name(tensors[n])) for n in rec_names]
-            overhead = _estimate_overhead(src, list(others.values()), shapes, metadata)
+            overhead = _estimate_overhead(list(others.values()), shapes, metadata)
             room_bits = (options.target_size - overhead) * 8 - 8 * len(rec_names)
             if room_bits < bits * len(rec_names):
                 raise InputError(
