@@ -166,8 +166,10 @@ def main() -> None:
             t = overhead(ref, cmp, data, ctx, batch, reps, compiled)
             total = t["forward_s"] + t["measures_s"]
             label = "--compile" if compiled else "eager    "
-            print(f"{label}: {t['positions']} scored tokens, KL {t['kl']:.4g}; forward {t['forward_s']:.2f} s, "
-                  f"measures {t['measures_s']:.2f} s = {100 * t['measures_s'] / t['forward_s']:.1f}% of forward; "
+            print(f"{label}: {t['positions']} scored tokens, KL {t['kl']:.4g}; forward {t['forward_s']:.2f} s "
+                  f"(CPU {t['forward_cpu_s']:.2f}), measures {t['measures_s']:.2f} s (CPU {t['measures_cpu_s']:.2f}) "
+                  f"= {100 * t['measures_s'] / t['forward_s']:.1f}% of forward wall, "
+                  f"{100 * t['measures_cpu_s'] / t['forward_cpu_s']:.1f}% CPU; "
                   f"{t['positions'] / total:.0f} scored tokens/s ({2 * t['positions'] / total:.0f} tokens/s through each model)")
         if args.overhead_only:
             return

@@ -34,12 +34,12 @@ from mlcompress.atomic import atomic_output
 from mlcompress.diverge.data import Window, batches, pad_batch
 from mlcompress.diverge.lm import (
     LmComparison,
+    PhaseTimer,
     SequenceLikelihood,
     add_likelihoods,
     check_ids,
     safe_logits,
     scored_index,
-    sync,
 )
 from mlcompress.diverge.measures import (
     TokenMeasures,
@@ -250,20 +250,17 @@ def compare_with_cache(
     progress: Callable[[int], None] | None = None,
 ) -> LmComparison:
     """Compare ``cmp`` against a reference cache on the cache's own windows."""
-    import time
-
     check_ids(cache.ids, cmp.vocab_size, "compared", str(cache.path))
     parts: list[TokenMeasures] = []
     lls: dict[int, SequenceLikelihood] = {}
     done = 0  # scored positions consumed from the cache so far
-    t_forward = t_measures = 0.0
+    timer = PhaseTimer(cmp.device)
     n_windows = 0
     for batch in batches(iter(cache.windows()), batch_size):
         ids = pad_batch(batch)
-        t0 = time.perf_counter()
+        timer.start()
         logits = safe_logits(cmp, ids)
-        sync(cmp.device)
-        t1 = time.perf_counter()
+        timer.forward_done()
         if logits.shape[-1] != cache.vocab:
             raise InputError(
                 f"the compared model has {logits.shape[-1]} tokens but the reference cache "
@@ -287,9 +284,7 @@ def compare_with_cache(
         add_likelihoods(lls, batch, batch_m)
         done += rows.numel()
         n_windows += len(batch)
-        sync(cmp.device)
-        t_forward += t1 - t0
-        t_measures += time.perf_counter() - t1
+        timer.measures_done()
         if progress is not None:
             progress(int(rows.numel()))
     comp = LmComparison(
@@ -299,8 +294,7 @@ def compare_with_cache(
         vocab_ref=cache.vocab,
         vocab_cmp=cache.vocab,
         vocab_compared=cache.vocab,
-        seconds_forward=t_forward,
-        seconds_measures=t_measures,
+        timer=timer,
     )
     comp.notes.append(
         f"reference from cache {cache.path.name} (top-{cache.topk_ids.shape[1]} + tail): KL, "

@@ -8,7 +8,6 @@ example, with the same statistics as for language models.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from mlcompress.checkpoint import load_checkpoint
-from mlcompress.diverge.lm import sync
+from mlcompress.diverge.lm import PhaseTimer
 from mlcompress.diverge.measures import TokenMeasures, token_measures
 from mlcompress.diverge.models import model_kind
 from mlcompress.diverge.report import headline_from_block, measure_block
@@ -54,20 +53,17 @@ def compare_classifiers(
     """Report (a JSON-able dict with ``headline``) and the per-example measures."""
     parts: list[TokenMeasures] = []
     ref_ok_all, cmp_ok_all = [], []
-    t_forward = t_measures = 0.0
+    timer = PhaseTimer(device)
     for inputs, targets in task.test_batches(batch_size):
         inputs, targets = inputs.to(device), targets.to(device)
-        t0 = time.perf_counter()
+        timer.start()
         out_ref, out_cmp = ref(inputs), cmp(inputs)
-        sync(device)
-        t1 = time.perf_counter()
+        timer.forward_done()
         m = token_measures(out_ref, out_cmp, targets).to("cpu")
         parts.append(m)
         ref_ok_all.append((out_ref.argmax(-1) == targets).cpu())
         cmp_ok_all.append((out_cmp.argmax(-1) == targets).cpu())
-        sync(device)
-        t_forward += t1 - t0
-        t_measures += time.perf_counter() - t1
+        timer.measures_done()
         if progress is not None:
             progress(len(targets))
     m = TokenMeasures.cat(parts)
@@ -89,7 +85,7 @@ def compare_classifiers(
             "total": c2w + w2c,
             "rate": (c2w + w2c) / n if n else float("nan"),
         },
-        "timing": {"forward_s": t_forward, "measures_s": t_measures},
+        "timing": {"forward_s": timer.forward_s, "measures_s": timer.measures_s},
         "notes": [],
     }
     headline = headline_from_block(block)

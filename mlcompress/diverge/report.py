@@ -58,7 +58,8 @@ def lm_report(comp: LmComparison, *, ref: str, cmp: str, settings: dict[str, Any
     delta_p = summarize(dp).as_dict()
     delta_p["rms"] = rms(dp)
     ppl = perplexity(m.ref_logp.numpy(), m.cmp_logp.numpy()).as_dict()
-    total = comp.seconds_forward + comp.seconds_measures
+    t = comp.timer
+    total = t.forward_s + t.measures_s if t else math.nan
     report = {
         "mode": "data",
         "ref": ref,
@@ -75,12 +76,11 @@ def lm_report(comp: LmComparison, *, ref: str, cmp: str, settings: dict[str, Any
             for s in comp.sequences
         ],
         "timing": {
-            "forward_s": comp.seconds_forward,
-            "measures_s": comp.seconds_measures,
+            "forward_s": t.forward_s if t else math.nan,
+            "measures_s": t.measures_s if t else math.nan,
+            "forward_cpu_s": t.forward_cpu_s if t else math.nan,
+            "measures_cpu_s": t.measures_cpu_s if t else math.nan,
             "tokens_per_s": block["positions"] / total if total > 0 else math.nan,
-            "measures_over_forward": comp.seconds_measures / comp.seconds_forward
-            if comp.seconds_forward > 0
-            else math.nan,
         },
         "notes": list(comp.notes),
     }
