@@ -83,6 +83,11 @@ class Posterior:
     parameterization: str = "mean-kl"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Accept 20.0 for 20: training code often carries the budget as a float.
+        if isinstance(self.bits_per_block, float) and self.bits_per_block.is_integer():
+            self.bits_per_block = int(self.bits_per_block)
+
     def validate(self, where: str = "posterior") -> None:
         """Raise :class:`InputError` on anything the encoder could not use, naming the tensor."""
         _check_int(self.bits_per_block, "bits_per_block", MIN_BITS_PER_BLOCK, MAX_BITS_PER_BLOCK, where)
