@@ -322,7 +322,11 @@ def fit_posterior(
         dist = model.distribution()
         outputs = model(inputs.to(dev), dist, generator=noise)
         task_loss = task.loss(outputs, targets.to(dev))
-        kl = model.kl_per_block(dist)
+        if model.parameterization == MEAN_VAR:
+            kl = model.kl_per_block(dist)
+        else:  # Mean-KL: KL_b = C_b by construction; computed for the display only
+            with torch.no_grad():
+                kl = model.kl_per_block(tuple(t.detach() for t in dist))
         loss = task_loss + model.q.penalty(kl, num_train)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

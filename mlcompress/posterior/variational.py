@@ -23,6 +23,7 @@ The wrapped model is never modified: a forward pass hands it sampled weights thr
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -77,6 +78,9 @@ class VariationalModel(nn.Module):
         beta_init: float = 1e-8,
     ) -> None:
         super().__init__()
+        # A private copy: the wrapper freezes the coded parameters and hooks Linear layers, which
+        # must not leak into the caller's model.
+        base = copy.deepcopy(base)
         self.base = base
         params = dict(base.named_parameters())
         self.coded = list(coded)
