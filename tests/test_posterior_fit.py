@@ -244,3 +244,17 @@ def test_fit_encode_decode_eval_keeps_accuracy_at_one_bit_per_weight(digits, dig
     sampled = evaluate_file(digits, posterior, samples=5, device="cpu")
     assert sampled["samples"] == 5 and "accuracy_std" in sampled
     assert sampled["accuracy"] >= base - 0.04
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_runs_on_cuda_and_keeps_the_budget(digits, digits_init, tmp_path):
+    for param in ("mean-kl", "mean-var"):
+        result = fit_posterior(digits, digits_init, _config(parameterization=param, steps=10, eval_every=5),
+                               device="cuda", checkpoint=tmp_path / f"{param}.ckpt")
+        assert next(result.model.parameters()).device.type == "cuda"
+        assert result.test is not None and result.test.metric > 0.5
+        if param == "mean-kl":
+            kl = result.model.kl_per_block().detach().cpu()
+            assert torch.allclose(kl, torch.full_like(kl, 12 * NATS_PER_BIT), rtol=1e-5, atol=0)
+        save_fit(result, digits, tmp_path / f"{param}.safetensors")
