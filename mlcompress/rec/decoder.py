@@ -22,7 +22,9 @@ from mlcompress.rec.sampler import candidate_weights, candidates
 
 __all__ = ["decode_weights", "weights_by_position"]
 
-_SLICE_WEIGHTS = 1 << 22  # weights generated per slice: bounds the int32 hash grid's memory
+# Weights generated per slice: small enough that a slice's passes stay in the CPU cache (and
+# the int32 hash grid's memory stays bounded).
+_SLICE_WEIGHTS = 1 << 16
 
 
 def weights_by_position(

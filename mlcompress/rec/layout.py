@@ -30,6 +30,7 @@ from mlcompress.rec.counter import STREAM_LAYOUT, col_hash, from_int32, grid_has
 __all__ = ["BlockLayout", "FEISTEL_ROUNDS"]
 
 FEISTEL_ROUNDS = 4
+_SLICE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,12 @@ class BlockLayout:
     def _walk(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
         """The (inverse) permutation of int32 values, with cycle walking; returns int32."""
         tables = self._tables(x.device)
-        y = self._feistel(x.to(torch.int32, copy=True), tables, inverse)
+        x = x.to(torch.int32)
+        y = torch.empty_like(x)
+        # Slices small enough for the ~20 passes over each to stay in the CPU cache: about twice
+        # as fast on large tensors as whole-tensor passes.
+        for s0 in range(0, x.numel(), _SLICE):
+            y[s0 : s0 + _SLICE] = self._feistel(x[s0 : s0 + _SLICE].clone(), tables, inverse)
         # Cycle walking: fewer than R ~ sqrt(numel) values start outside [0, numel), and each
         # step leaves with probability >= numel / (A * R); only those few values are iterated.
         idx = (y >= self.numel).nonzero().squeeze(1)
