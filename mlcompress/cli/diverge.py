@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
-from rich.console import Console
 
 from mlcompress.cli import app, options
 from mlcompress.cli.output import Output
