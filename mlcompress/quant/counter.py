@@ -13,8 +13,9 @@ triangular density; ``cos``, ``0.5 - 0.5 cos(pi (x + delta) / (2 delta))``, the 
 coder approaches.
 
 Cost: each ``c_j`` only touches the bins within ``delta + 1/2`` of it, so the counts are a
-scatter-add over ``ceil(2 delta) + 2`` neighbouring bins -- O(N) rather than O(N x bins). That
-makes full counts cheap, so unlike the public recipe we do not subsample large tensors.
+scatter-add over ``ceil(2 delta) + 2`` neighbouring bins -- O(N) rather than O(N x bins). Large
+tensors are still subsampled during training (:func:`subsample`, as the public recipe does): a
+fresh random 16,384 of them estimate the histogram well and cut a LeNet-5 step ~10x.
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ def soft_step(x: torch.Tensor, delta: float, kernel: str = "cos") -> torch.Tenso
         return 0.5 - 0.5 * torch.cos(math.pi * t)
     # triangle: CDF of the triangular density on [-delta, delta]
     return torch.where(t <= 0.5, 2 * t * t, 1 - 2 * (1 - t) * (1 - t))
+
+
+#: Tensors above this many elements are subsampled to this many for the training-time rate.
+SUBSAMPLE = 16384
+
+
+def subsample(c: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """``(sample, scale)``: up to :data:`SUBSAMPLE` random elements of ``c`` and ``numel / len``
+    to scale a rate estimated on the sample back to the whole tensor."""
+    flat = c.reshape(-1)
+    if flat.numel() <= SUBSAMPLE:
+        return flat, 1.0
+    idx = torch.randint(flat.numel(), (SUBSAMPLE,), generator=generator).to(flat.device)
+    return flat[idx], flat.numel() / SUBSAMPLE
 
 
 def default_delta(c: torch.Tensor, resolution: int = DEFAULT_RESOLUTION) -> float:
