@@ -288,3 +288,23 @@ def test_sample_mode_on_a_hugging_face_model(lm):
     assert r["joint_kl"]["mean"] > 0 and r["per_token_kl"]["mean"] == pytest.approx(r["joint_kl"]["mean"] / 6)
     again = run(lm["ref"], lm["noise"][0.2], mode="sample", samples=6, length=6, batch_size=3)
     assert again["joint_kl"] == r["joint_kl"]  # seeded: reproducible
+
+
+def test_context_limits_stride_and_explicit_tokenizer(lm, capsys):
+    code = main(["diverge", str(lm["ref"]), str(lm["noise"][0.05]), "--data", str(lm["data"]), "--ctx", "100"])
+    assert code == 2 and "maximum context of 64" in capsys.readouterr().err  # n_positions = 64
+    code, out, err = _cli(capsys, lm["ref"], lm["noise"][0.05], "--data", lm["data"], "--stride", "40")
+    assert code == 2 and "--stride" in err
+    from mlcompress.diverge.models import load_tokenizer
+
+    tok = load_tokenizer(lm["ref"])
+    lengths = [len(tok.encode(json.loads(line)["text"])) for line in lm["data"].read_text().splitlines()]
+    a = run(lm["ref"], lm["noise"][0.05], data=lm["data"], ctx=16, stride=8, score="all")
+    b = run(lm["ref"], lm["noise"][0.05], data=lm["data"], ctx=16, stride=16, score="all")
+    # Overlapping windows score every token but each document's first, once; disjoint windows
+    # also skip each later window's first token (it has no context inside its window).
+    assert a["positions"] == sum(n - 1 for n in lengths)
+    assert b["positions"] == sum(n - 1 - (n - 1) // 16 for n in lengths)
+    c = run(lm["noise"][0.01], lm["noise"][0.05], data=lm["data"], arch=str(lm["ref"]),
+            tokenizer=lm["ref"] / "tokenizer.json")
+    assert c["settings"]["tokenizer"].endswith("tokenizer.json") and c["kl"]["mean"] > 0

@@ -15,10 +15,11 @@ docs/diverge.md):
 * ``second-half`` (default, as llama.cpp's perplexity and KL tools): only tokens in the second half
   of each window are scored, so every scored token has at least ``ctx/2`` tokens of context and
   the measures do not mix in the poorly conditioned first positions.
-* ``all``: every token except the first of each document is scored.
+* ``all``: every token that has context inside its window is scored: with overlapping windows
+  (``stride < ctx``) that is every token but the first of the document; with disjoint windows
+  (the default ``stride = ctx``) the first token of each window is skipped too.
 
-With overlapping windows (``stride < ctx``) a token is scored once only, in the first window that
-may score it. Documents are streamed: nothing here holds more than one document's token ids.
+With overlapping windows a token is scored once only, in the first window that may score it. Documents are streamed: nothing here holds more than one document's token ids.
 """
 
 from __future__ import annotations
