@@ -209,9 +209,13 @@ def _render_sequence(table: Table, r: dict[str, Any]) -> None:
     for key, label in (
         ("joint_kl", "KL(ref‖cmp) of length-L sequences"),
         ("per_token_kl", "  per token (÷ L)"),
+        ("joint_kl_logratio", "  plain log-ratio estimate"),
         ("joint_reverse_kl", "KL(cmp‖ref) of sequences"),
         ("joint_js", "JS of sequences"),
         ("joint_tv", "total variation of sequences"),
+        ("per_token_js", "mean JS per position"),
+        ("per_token_tv", "mean total variation per position"),
+        ("same_top", "same top per position"),
     ):
         if key in r:
             v = r[key]
@@ -223,6 +227,8 @@ def _render_sequence(table: Table, r: dict[str, Any]) -> None:
         table.add_row("samples", f"{r['samples']:,}")
     if "sequences" in r and isinstance(r["sequences"], int):
         table.add_row("sequences enumerated", f"{r['sequences']:,}")
+    for i, value in enumerate(r.get("kl_by_position", []), start=1):
+        table.add_row(f"  E[KL] at position {i}", f"{value:.6g}")
 
 
 def per_token_arrays(m: TokenMeasures) -> dict[str, np.ndarray]:
