@@ -148,3 +148,12 @@ def test_exact_mode_limits_and_cli(seed_example, capsys):
     assert code == 2 and "--bos" in capsys.readouterr().err
     code = main(["diverge", str(p), str(q), "--mode", "exact", "--length", "2", "--bos", "2", "--fail-above", "joint_kl=0.01"])
     assert code == 3
+
+
+def test_weights_only_side_borrows_a_torchscript_architecture(seed_example, tmp_path):
+    from mlcompress.checkpoint import save_checkpoint
+
+    p, q = seed_example
+    weights = tmp_path / "q_weights.safetensors"
+    save_checkpoint(dict(torch.jit.load(str(q)).state_dict()), weights)
+    assert exact(p, weights)["joint_kl"] == pytest.approx(0.043388863, abs=1e-8)
