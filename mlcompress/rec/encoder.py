@@ -108,7 +108,7 @@ class _Importance:
         # rows (float32: the sampling probabilities are off by ~1e-6 relative at most). Clamping
         # at e^-80 changes probabilities below 1e-30 and keeps exp off its (30x slower)
         # underflow path.
-        cdf = torch.sub(s, peak).clamp_(min=-80.0).exp_().cumsum_(2)
+        cdf = s.sub_(peak).clamp_(min=-80.0).exp_().cumsum_(2)  # in place: scores are consumed
         total = cdf[:, :, -1]
         first = k0 // seg
         rows = torch.arange(2 * first, 2 * (first + nseg), dtype=torch.int64, device=scores.device)
@@ -167,20 +167,23 @@ def _check_args(a: torch.Tensor, b: torch.Tensor, bits: int, selection: str) -> 
 
 
 def _chunk_size(num_candidates: int, dim: int, group: int) -> int:
+    """Candidates per chunk: a power of two (so every chunk of ``2^bits`` is full), at least one
+    segment, within the memory budget (features, scores and the selection's work buffers)."""
     seg = min(SEGMENT, num_candidates)
-    per_row = 4 * 3 * dim + 8 * 3 * group + 8 * dim  # features, scores (+ float64 IS work), codes
-    rows = max(seg, (_MEMORY_BUDGET // per_row) // seg * seg)
-    return min(rows, num_candidates)
+    per_row = 4 * 4 * dim + 4 * 3 * group
+    rows = max(seg, _MEMORY_BUDGET // per_row)
+    return min(1 << (rows.bit_length() - 1), num_candidates)
 
 
-def _features(seed: int, k0: int, k1: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(seed: int, k0: int, k1: int, dim: int, device: torch.device) -> torch.Tensor:
+    """float32 ``[k1 - k0, 2 * dim]``: ``[z^2, z]`` of candidates ``k0 .. k1 - 1``."""
     codes = candidate_codes(seed, torch.arange(k0, k1, dtype=torch.int64, device=device), dim)
     flat = codes.contiguous().view(-1)
     table, table_sq = normal_table(device)
-    return (
-        torch.index_select(table_sq, 0, flat).view(codes.shape),
-        torch.index_select(table, 0, flat).view(codes.shape),
-    )
+    feats = torch.empty((k1 - k0, 2, dim), dtype=torch.float32, device=device)
+    feats[:, 0] = torch.index_select(table_sq, 0, flat).view(codes.shape)
+    feats[:, 1] = torch.index_select(table, 0, flat).view(codes.shape)
+    return feats.view(k1 - k0, 2 * dim)
 
 
 def select_candidates(
@@ -200,10 +203,10 @@ def select_candidates(
 
     ``a``, ``b``: float32 ``[B, D]`` score coefficients (:func:`score_coefficients`; zeros pad
     short blocks). Candidates ``0 .. 2^bits - 1`` of stream ``seed`` are scored against every
-    block in chunks of ``chunk_size`` candidates (a multiple of :data:`SEGMENT`; default: what
-    fits a fixed memory budget) and groups of ``group_size`` blocks. ``block_offset`` numbers the
-    blocks for the selection randomness (``"is"``): block ``i`` here is block ``block_offset + i``
-    of the encode. ``progress(blocks_done, blocks_total)`` is called after every chunk.
+    block in chunks of ``chunk_size`` candidates (a power of two, at least one :data:`SEGMENT`;
+    default: what fits a fixed memory budget) and groups of ``group_size`` blocks.
+    ``block_offset`` numbers the blocks for the selection randomness (``"is"``): block ``i`` here
+    is block ``block_offset + i`` of the encode. ``progress(blocks_done, blocks_total)`` is called after every chunk.
     """
     _check_args(a, b, bits, selection)
     device = torch.device(device)
@@ -212,20 +215,21 @@ def select_candidates(
     group = max(1, min(group_size, num_blocks))
     chunk = chunk_size or _chunk_size(K, dim, group)
     seg = min(SEGMENT, K)
-    if chunk % seg or chunk > K:
-        raise ValueError(f"chunk_size must be a multiple of {seg} and at most {K}, got {chunk}")
+    if chunk & (chunk - 1) or chunk < seg or chunk > K:
+        raise ValueError(f"chunk_size must be a power of two in [{seg}, {K}], got {chunk}")
     out = torch.empty(num_blocks, dtype=torch.int64)
     for g0 in range(0, num_blocks, group):
         g1 = min(num_blocks, g0 + group)
-        coef_sq = a[g0:g1].to(device=device, dtype=torch.float32).contiguous()
-        coef_lin = b[g0:g1].to(device=device, dtype=torch.float32).contiguous()
+        # [a, b] per block against [z^2, z] per candidate: one product, inner size 2D
+        coef = torch.cat([a[g0:g1], b[g0:g1]], 1).to(device=device, dtype=torch.float32)
         ids = torch.arange(block_offset + g0, block_offset + g1, dtype=torch.int64, device=device)
         selector: _Selector = _SELECTORS[selection](ids, seed)
+        # scores[block, candidate] (rows contiguous per block for the selection passes), in one
+        # buffer reused by every chunk: no fresh pages to fault in each time
+        scores = torch.empty((g1 - g0, chunk), dtype=torch.float32, device=device)
         for k0 in range(0, K, chunk):
-            k1 = min(K, k0 + chunk)
-            z_sq, z = _features(seed, k0, k1, dim, device)
-            # scores[block, candidate]: rows are contiguous per block for the selection passes
-            scores = torch.addmm(coef_lin @ z.T, coef_sq, z_sq.T)
+            k1 = k0 + chunk
+            torch.matmul(coef, _features(seed, k0, k1, dim, device).T, out=scores)
             selector.update(scores, k0)
             if progress is not None:
                 progress(g0 + (g1 - g0) * (k1 / K), num_blocks)
@@ -257,10 +261,10 @@ def select_candidates_loop(
     for i in range(a.shape[0]):
         d = int(sizes[i])
         selector: _Selector = _SELECTORS[selection](torch.tensor([block_offset + i]), seed)
+        coef = torch.cat([a[i, :d], b[i, :d]])
         for k0 in range(0, K, chunk):
-            z_sq, z = _features(seed, k0, min(K, k0 + chunk), d, torch.device("cpu"))
-            scores = (z_sq @ a[i, :d] + z @ b[i, :d])[None, :]
-            selector.update(scores, k0)
+            feats = _features(seed, k0, min(K, k0 + chunk), d, torch.device("cpu"))
+            selector.update((feats @ coef)[None, :], k0)
         out[i] = selector.indices[0]
         if progress is not None:
             progress(i + 1, a.shape[0])
