@@ -5,7 +5,9 @@ Design choices, and why:
 
 * A fixed 24-byte preamble (magic, version, header CRC32, header length) and a JSON header of
   bounded size, like safetensors, so a reader learns everything about the file from one small
-  read and can validate it completely before it allocates or decodes anything.
+  read and can validate it completely before it allocates or decodes anything. The JSON is
+  zlib-compressed: REC files store a few bits per block, and a plain-text header with its
+  repeated keys would otherwise be most of a small model's file.
 * Every payload has its own CRC32 and a 64-byte aligned offset; padding must be zero and the
   header records the total file size, so truncation and every single-byte change are detected.
 * Writes go through :func:`mlcompress.atomic.atomic_output` (temporary file, then rename), so an
@@ -32,9 +34,10 @@ from mlcompress.errors import InputError, MrcFormatError
 
 MAGIC = b"\x89MRC\r\n\x1a\n"
 VERSION = 1
-ALIGN = 64
+ALIGN = 8
 PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, header crc32, header length
-#: Upper bound on the JSON header. Bounds the only allocation made before validation.
+#: Upper bound on the stored header and on its decompressed JSON: bounds the only allocations made
+#: before validation.
 MAX_HEADER_BYTES = 64 << 20
 MAX_DIMS = 32
 #: Largest decoded tensor a reader accepts, unless MLCOMPRESS_MAX_TENSOR_BYTES raises it.
@@ -192,15 +195,13 @@ def write_encoded(
                 rec.offset = offset
                 file_size = offset + rec.length
                 offset = _align(file_size)
-        header = _header_bytes(records, metadata, file_size=file_size)
+        header = encode_header(_header_doc(records, metadata, file_size=file_size))
         if len(header) <= header_len:
-            # Offsets were laid out for header_len bytes: pad with JSON whitespace to match. The
+            # Offsets were laid out for header_len bytes: pad with zero bytes to match. The
             # guess only grows, so this loop ends.
-            header += b" " * (header_len - len(header))
+            header += b"\0" * (header_len - len(header))
             break
         header_len = len(header)
-    if len(header) > MAX_HEADER_BYTES:
-        raise InputError(f"header of {len(header)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
 
     with atomic_output(path, force=force) as tmp, open(tmp, "wb") as f:
         f.write(PREAMBLE.pack(MAGIC, VERSION, zlib.crc32(header), len(header)))
@@ -213,15 +214,41 @@ def write_encoded(
     return path
 
 
-def _header_bytes(records: list[TensorRecord], metadata: Mapping[str, Any], file_size: int) -> bytes:
-    doc = {
+def encode_header(doc: Mapping[str, Any]) -> bytes:
+    """The stored form of a header document: compact UTF-8 JSON, zlib-compressed (level 9)."""
+    text = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(text) > MAX_HEADER_BYTES:
+        raise InputError(f"header of {len(text)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    return zlib.compress(text, 9)
+
+
+def decode_header(stored: bytes, path: str | os.PathLike = "<header>") -> Any:
+    """Inverse of :func:`encode_header` for a header region (zlib stream + zero padding)."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(stored, MAX_HEADER_BYTES + 1)
+    except zlib.error:
+        raise MrcFormatError(f"{path}: header is not a valid zlib stream") from None
+    if len(text) > MAX_HEADER_BYTES:
+        raise MrcFormatError(f"{path}: header expands beyond the {MAX_HEADER_BYTES}-byte limit")
+    if not inflater.eof or inflater.unconsumed_tail:
+        raise MrcFormatError(f"{path}: header is not a complete zlib stream")
+    if inflater.unused_data.strip(b"\0"):
+        raise MrcFormatError(f"{path}: header is followed by non-zero padding")
+    try:
+        return json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise MrcFormatError(f"{path}: header is not valid JSON") from None
+
+
+def _header_doc(records: list[TensorRecord], metadata: Mapping[str, Any], file_size: int) -> dict[str, Any]:
+    return {
         "format": "mlcompress.mrc",
         "version": VERSION,
         "file_size": file_size,
         "metadata": dict(metadata),
         "tensors": [r.to_json() for r in records],
     }
-    return json.dumps(doc, separators=(",", ":"), sort_keys=False, allow_nan=False).encode("utf-8")
 
 
 def shared_storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -395,10 +422,7 @@ def open_mrc(path: str | os.PathLike) -> MrcFile:
         header = f.read(header_len)
         if zlib.crc32(header) != header_crc:
             raise MrcFormatError(f"{path}: header checksum mismatch (the file is damaged)")
-        try:
-            doc = json.loads(header.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise MrcFormatError(f"{path}: header is not valid JSON") from None
+        doc = decode_header(header, path)
         records, file_size, metadata = _parse_header(path, doc)
         if size != file_size:
             kind = "truncated" if size < file_size else "longer than its header says"

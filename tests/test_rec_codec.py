@@ -251,25 +251,27 @@ def test_bad_posterior_files_refused(tmp_path):
 
 
 def test_damaged_params_are_format_errors(tmp_path):
-    import zlib
-
-    from mlcompress.container import PREAMBLE
+    # Rewrite the file with edited rec params (and valid checksums): the codec's check refuses it.
+    from mlcompress.container import EncodedTensor, write_encoded
 
     path, _ = _encode(tmp_path)
-    data = bytearray(path.read_bytes())
-    magic, version, crc, hlen = PREAMBLE.unpack_from(data, 0)
-    header = bytes(data[PREAMBLE.size : PREAMBLE.size + hlen])
-    for old, new in ((b'"bits":10', b'"bits":11'), (b'"bits":10', b'"bits":99'), (b'"prior_std":', b'"prior_sd":')):
-        changed = header.replace(old, new, 1)
-        changed = changed + b" " * (hlen - len(changed)) if len(changed) <= hlen else changed
-        if len(changed) != hlen:
-            continue
-        bad = bytearray(data)
-        bad[PREAMBLE.size : PREAMBLE.size + hlen] = changed
-        PREAMBLE.pack_into(bad, 0, magic, version, zlib.crc32(changed), hlen)
-        (tmp_path / "bad.mrc").write_bytes(bytes(bad))
+    mrc = open_mrc(path)
+    target = next(r for r in mrc.records if r.codec == "rec")
+    edits = [
+        lambda p: p.update(bits=p["bits"] + 1),
+        lambda p: p.update(bits=99),
+        lambda p: p.update(prior_sd=p.pop("prior_std")),
+    ]
+    for edit in edits:
+        entries = []
+        for r in mrc.records:
+            params = dict(r.params)
+            if r.name == target.name:
+                edit(params)
+            entries.append(EncodedTensor(r.name, r.shape, r.dtype, r.codec, params, mrc.payload(r.name)))
+        bad = write_encoded(tmp_path / "bad.mrc", entries, mrc.metadata, force=True)
         with pytest.raises(MrcFormatError):
-            open_mrc(tmp_path / "bad.mrc")
+            open_mrc(bad)
 
 
 # ---------------------------------------------------------------- CUDA
