@@ -14,7 +14,7 @@ from mlcompress.quant import counter, l2
 def trained_digits():
     from mlcompress.tasks import get_task, train_task_model
 
-    return train_task_model(get_task("mlp-digits"), epochs=20, seed=0, device="cpu").model
+    return train_task_model(get_task("mlp-digits"), epochs=10, seed=0, device="cpu").model
 
 
 @pytest.mark.parametrize("kernel", counter.KERNELS)

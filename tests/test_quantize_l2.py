@@ -23,7 +23,7 @@ def digits():
 @pytest.fixture(scope="module")
 def l2_run(digits, tmp_path_factory):
     task, model = digits
-    config = L2Config(target_ratio=9.0, rounds=2, transform_steps=150, weight_steps=100)
+    config = L2Config(target_ratio=8.0, rounds=2, transform_steps=100, weight_steps=60, remeasure_every=40)
     result = l2_compress(model, task.calibration(500), config)
     path = tmp_path_factory.mktemp("l2") / "digits.mrc"
     size = write_plan(path, result.tensors, result.plan, {})
@@ -41,7 +41,7 @@ def test_l2_decodes_exactly_to_the_evaluated_weights(l2_run):
 
 def test_l2_meets_target_and_prunes(l2_run):
     result, size, _, _ = l2_run
-    assert size.ratio >= 9.0
+    assert size.ratio >= 8.0
     assert result.sparsity > 0.2  # the dead zone prunes
 
 
@@ -65,3 +65,16 @@ def test_empty_calibration_set(digits):
     _, model = digits
     with pytest.raises(InputError, match="calibration set is empty"):
         l2_compress(model, torch.empty(0, 64), L2Config(rounds=1, transform_steps=1, weight_steps=1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_l2_on_cuda_decodes_exactly(digits, tmp_path):
+    task, model = digits
+    config = L2Config(target_ratio=5.0, rounds=1, transform_steps=20, weight_steps=20)
+    result = l2_compress(model, task.calibration(100), config, device="cuda")
+    path = tmp_path / "cuda.mrc"
+    write_plan(path, result.tensors, result.plan, {})
+    decoded = open_mrc(path).tensors()
+    for name, t in result.dequantized.items():
+        assert t.device.type == "cpu" and torch.equal(decoded[name], t), name

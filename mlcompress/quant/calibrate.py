@@ -18,7 +18,9 @@ What happens, and why:
    move with a small learning rate, e, s fixed), as in the public recipe (which runs 3 rounds of
    300 + 1000 steps; 2 rounds of 200 + 200 are the default here so LeNet-5 fits in minutes on a
    small CPU).
-5. After the last round the final levels are computed once, the hard way (float64, the codec's
+5. Training starts from the e, s (scaled together from the paper's init) whose file just meets
+   the target, so the loop trades accuracy against rate around the budget.
+6. After the last round the final levels are computed once, the hard way (float64, the codec's
    rule); if the real file misses the target, e and s are widened together by the smallest common
    factor (bisection) that meets it. The accuracy reported is that of exactly these weights.
 """
@@ -62,7 +64,7 @@ class L2Config:
     transform_lr: float = 0.02
     weight_lr: float = 1e-4
     lambda_init: float = 0.05
-    lambda_gain: float = 0.05
+    lambda_gain: float = 0.03
     remeasure_every: int = 50
     seed: int = 0
 
@@ -124,6 +126,23 @@ def _final_levels(weights: Mapping[str, torch.Tensor], es: Mapping[str, tuple[fl
         s32 = float(torch.tensor(s * factor, dtype=torch.float32))
         out[name] = (l2.levels(w, e32, s32), e32, s32)
     return out
+
+
+def fit_factor(file_bytes: Callable[[float], int], budget: float, iterations: int = 12) -> float:
+    """Smallest common factor (>= 1, to ~6% by bisection in log space) by which e and s must grow
+    so that ``file_bytes(factor) <= budget``; 1.0 when the file already fits."""
+    if file_bytes(1.0) <= budget:
+        return 1.0
+    lo, hi = 1.0, 2.0
+    while file_bytes(hi) > budget and hi < 2.0**20:
+        lo, hi = hi, hi * 2
+    for _ in range(iterations):
+        mid = math.sqrt(lo * hi)
+        if file_bytes(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def _plan_for(tensors: Mapping[str, torch.Tensor], finals: Mapping[str, tuple]) -> Plan:
@@ -201,6 +220,14 @@ def l2_compress(
         overhead = size.file_bytes - level_bits / 8
         return max((budget_file_bytes - overhead) * 8 / n_quant, MIN_BUDGET_BPW), size
 
+    # Start from the dead-zone quantizer that just meets the target (e and s scaled together), so
+    # training trades accuracy against rate around the budget instead of descending from ~8 bits.
+    start_factor = fit_factor(lambda f: measure(f)[0].file_bytes, budget_file_bytes)
+    with torch.no_grad():
+        for i in range(len(names)):
+            state.log_edge[str(i)] += math.log(start_factor)
+            state.log_step[str(i)] += math.log(start_factor)
+
     lam = config.lambda_init
     history: list[dict] = []
     for rnd in range(config.rounds):
@@ -226,9 +253,12 @@ def l2_compress(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                # log-ratio: over- and undershooting the budget by the same factor move lambda alike
-                gap = math.log(max(float(bpw.detach()), 1e-6) / budget_bpw)
-                lam = min(max(lam * math.exp(config.lambda_gain * max(-1.0, min(1.0, gap))), LAMBDA_MIN), LAMBDA_MAX)
+                if phase == "transform":
+                    # Only e and s can move the rate much, so lambda is steered in this phase only
+                    # (steering it while the weights move lets it run away). Log-ratio: over- and
+                    # undershooting the budget by the same factor move lambda alike.
+                    gap = math.log(max(float(bpw.detach()), 1e-6) / budget_bpw)
+                    lam = min(max(lam * math.exp(config.lambda_gain * max(-1.0, min(1.0, gap))), LAMBDA_MIN), LAMBDA_MAX)
                 if progress is not None:
                     progress(phase, step + 1, steps, {"round": rnd + 1, "kd": float(kd.detach()),
                                                       "bpw": float(bpw.detach()), "budget_bpw": budget_bpw})
@@ -236,20 +266,8 @@ def l2_compress(
         p.requires_grad_(False)
 
     # Final hard quantization; widen e and s together if the real file misses the target.
-    size, finals, plan = measure()
-    factor = 1.0
-    if size.file_bytes > budget_file_bytes:
-        lo, hi = 1.0, 2.0
-        while measure(hi)[0].file_bytes > budget_file_bytes and hi < 1024:
-            lo, hi = hi, hi * 2
-        for _ in range(12):
-            mid = math.sqrt(lo * hi)
-            if measure(mid)[0].file_bytes > budget_file_bytes:
-                lo = mid
-            else:
-                hi = mid
-        factor = hi
-        size, finals, plan = measure(factor)
+    factor = fit_factor(lambda f: measure(f)[0].file_bytes, budget_file_bytes)
+    size, finals, plan = measure(factor)
     tensors = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
     dequantized = dict(tensors)
     zeros = 0
