@@ -23,7 +23,7 @@ def digits():
 @pytest.fixture(scope="module")
 def l2_run(digits, tmp_path_factory):
     task, model = digits
-    config = L2Config(target_ratio=8.0, rounds=2, transform_steps=100, weight_steps=60, remeasure_every=40)
+    config = L2Config(target_ratio=11.0, rounds=2, transform_steps=100, weight_steps=60, remeasure_every=40)
     result = l2_compress(model, task.calibration(500), config)
     path = tmp_path_factory.mktemp("l2") / "digits.mrc"
     size = write_plan(path, result.tensors, result.plan, {})
@@ -41,7 +41,7 @@ def test_l2_decodes_exactly_to_the_evaluated_weights(l2_run):
 
 def test_l2_meets_target_and_prunes(l2_run):
     result, size, _, _ = l2_run
-    assert size.ratio >= 8.0
+    assert size.ratio >= 11.0
     assert result.sparsity > 0.2  # the dead zone prunes
 
 
@@ -50,7 +50,7 @@ def test_l2_beats_data_free_at_equal_accuracy(digits, l2_run):
     task, model = digits
     _, l2_size, l2_acc, _ = l2_run
     base = evaluate_model(task, model, device="cpu").metric
-    assert l2_acc >= base - 0.05  # a short run at ~0.7 of data-free 2-bit's size; still usable
+    assert l2_acc >= base - 0.05  # a short run at 11x (data-free 3-bit: ~9x); still usable
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     best_uniform = 0.0
     for bits in (8, 6, 5, 4, 3, 2, 1):
