@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mlcompress.prune import apply_masks, prune_masks
+from mlcompress.prune import apply_masks, finetune_masked, prune_masks
 from mlcompress.quant.calibrate import L2Config, l2_compress
 from mlcompress.quant.plan import uniform_plan, write_plan
 from mlcompress.quantize import dequantize_uniform
@@ -35,6 +35,22 @@ def accuracy(task, tensors) -> float:
     return evaluate_model(task, load_task_model(task, tensors), device="cpu").metric
 
 
+def prune_rows(task, tensors, finetune_steps: int) -> list[tuple]:
+    """Magnitude pruning (global) then data-free quantization, optionally fine-tuned in between."""
+    rows = []
+    for sparsity, bits in ((0.9, 4), (0.9, 3), (0.95, 3)):
+        masks = prune_masks(tensors, sparsity)
+        pruned = apply_masks(tensors, masks)
+        if finetune_steps:
+            pruned = apply_masks(finetune_masked(task, pruned, masks, finetune_steps, seed=0), masks)
+        plan = uniform_plan(pruned, bits)
+        size = write_plan(None, pruned, plan, {})
+        how = f"fine-tuned {finetune_steps} steps" if finetune_steps else "no fine-tuning"
+        rows.append((f"magnitude prune {sparsity:.0%} + {bits}-bit ({how})", size.ratio,
+                     accuracy(task, dequantize_uniform(pruned, plan)), ""))
+    return rows
+
+
 def rows_for(task, tensors, targets, calib_samples: int) -> list[tuple]:
     rows = [("fp32 (uncompressed)", 1.0, accuracy(task, tensors), "")]
     for per_channel in (False, True):
@@ -44,12 +60,8 @@ def rows_for(task, tensors, targets, calib_samples: int) -> list[tuple]:
             label = f"data-free {bits}-bit" + (" per-channel" if per_channel else "")
             rows.append((label, size.ratio, accuracy(task, dequantize_uniform(tensors, plan)),
                          f"{size.bits_per_quantized_weight:.2f} bit/w stored"))
-    for sparsity, bits in ((0.9, 4), (0.9, 3), (0.95, 3)):
-        pruned = apply_masks(tensors, prune_masks(tensors, sparsity))
-        plan = uniform_plan(pruned, bits)
-        size = write_plan(None, pruned, plan, {})
-        rows.append((f"magnitude prune {sparsity:.0%} + {bits}-bit (no fine-tuning)", size.ratio,
-                     accuracy(task, dequantize_uniform(pruned, plan)), ""))
+    rows += prune_rows(task, tensors, finetune_steps=0)
+    rows += prune_rows(task, tensors, finetune_steps=300)
     model = load_task_model(task, tensors)
     calib = task.calibration(calib_samples)
     for target in targets:
