@@ -24,3 +24,9 @@ UnsafePickle = Annotated[
 TaskName = Annotated[str, typer.Option("--task", help="Built-in task (lenet5, mlp-digits) or a plug-in package.module:factory.")]
 DataDir = Annotated[Optional[Path], typer.Option("--data", help="The task's data directory (lenet5: MNIST-format IDX files; default /usr/share/datasets/fashion-mnist).", file_okay=False)]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; runs with the same seed are identical on the CPU.")]
+OptionalTask = Annotated[
+    Optional[str],
+    typer.Option("--task", help="Built-in task (lenet5, mlp-digits) or plug-in package.module:factory. It is "
+                 "needed by quantize --method l2 and prune --finetune-steps; otherwise used to report "
+                 "accuracy before and after."),
+]

@@ -11,11 +11,7 @@ from rich.console import Console
 from mlcompress.cli import app, options
 from mlcompress.cli.output import Output, human_bytes
 
-OptionalTask = Annotated[
-    Optional[str],
-    typer.Option("--task", help="Built-in task (lenet5, mlp-digits) or plug-in package.module:factory. "
-                 "Required for --method l2; otherwise only used to report accuracy."),
-]
+OptionalTask = options.OptionalTask
 
 
 @app.command()
