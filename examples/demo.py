@@ -93,6 +93,11 @@ def main() -> None:
         kl = f"{div['headline']['kl']:.4f}" if div else "-"
         flips = str(div["flips"]["total"]) if div else "-"
         print(f"{name:<16}{size:>11,}{fp32 / size:>8.1f}x{ev['accuracy']:>10.4f}{kl:>14}{flips:>7}")
+    print(
+        "\nOn a model this small (4,810 parameters) fixed costs dominate: the output layer stays "
+        "lossless under REC's default --min-rec-numel and the header is ~0.5 kB. On LeNet-5 "
+        "(431,080 parameters) the same machinery gives 1,104x (docs/results.md)."
+    )
 
 
 if __name__ == "__main__":
