@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo clean
 
 install: $(STAMP)
 
@@ -26,9 +26,6 @@ test-all: install
 
 demo: install
 	$(BIN)/python examples/demo.py
-
-bench: install
-	$(BIN)/python benchmarks/lossless.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .hypothesis
