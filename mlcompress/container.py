@@ -293,17 +293,33 @@ def write_mrc(
     after it is encoded.
     """
     path = check_destination(path, force=force)
+
+    def encode_one(name: str, tensor: torch.Tensor) -> EncodedTensor:
+        codec_name, options = plan(name, tensor) if callable(plan) else plan[name]
+        encoded = encode_tensor(name, tensor, codec_name, options)
+        if progress is not None:
+            progress(name)
+        return encoded
+
+    return write_encoded(path, encode_entries(tensors, encode_one), metadata, force=force)
+
+
+def encode_entries(
+    tensors: Mapping[str, torch.Tensor],
+    encode_one: Callable[[str, torch.Tensor], EncodedTensor],
+    progress: Callable[[int], None] | None = None,
+) -> list[EncodedTensor | Alias]:
+    """Encode every tensor once (tied tensors become aliases), in the checkpoint's order."""
     aliases = shared_storage_aliases(tensors)
     entries: list[EncodedTensor | Alias] = []
     for name, tensor in tensors.items():
         if name in aliases:
             entries.append(Alias(name, aliases[name]))
-            continue
-        codec_name, options = plan(name, tensor) if callable(plan) else plan[name]
-        entries.append(encode_tensor(name, tensor, codec_name, options))
+        else:
+            entries.append(encode_one(name, tensor))
         if progress is not None:
-            progress(name)
-    return write_encoded(path, entries, metadata, force=force)
+            progress(1)
+    return entries
 
 
 def encode_tensor(name: str, tensor: torch.Tensor, codec_name: str, options: Mapping[str, Any]) -> EncodedTensor:
@@ -381,15 +397,6 @@ class MrcFile:
 
     def __iter__(self) -> Iterator[TensorRecord]:
         return iter(self.records)
-
-
-def is_mrc(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a regular file that starts with the ``.mrc`` magic bytes."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except (IsADirectoryError, FileNotFoundError, PermissionError):
-        return False
 
 
 def open_mrc(path: str | os.PathLike) -> MrcFile:

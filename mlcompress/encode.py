@@ -16,7 +16,7 @@ import torch
 
 from mlcompress import __version__
 from mlcompress.atomic import check_destination
-from mlcompress.container import Alias, EncodedTensor, encode_tensor, shared_storage_aliases, write_encoded
+from mlcompress.container import EncodedTensor, encode_entries, encode_tensor, write_encoded
 
 
 def default_output(src: str | os.PathLike, suffix: str = ".mrc") -> Path:
@@ -36,24 +36,6 @@ def smallest_lossless(name: str, tensor: torch.Tensor) -> EncodedTensor:
     if len(coded.payload) < _nbytes(tensor):
         return coded
     return encode_tensor(name, tensor, "raw", {})
-
-
-def encode_entries(
-    tensors: Mapping[str, torch.Tensor],
-    encode_one: Callable[[str, torch.Tensor], EncodedTensor],
-    progress: Callable[[int], None] | None = None,
-) -> list[EncodedTensor | Alias]:
-    """Encode every tensor once (tied tensors become aliases), in the checkpoint's order."""
-    aliases = shared_storage_aliases(tensors)
-    entries: list[EncodedTensor | Alias] = []
-    for name, tensor in tensors.items():
-        if name in aliases:
-            entries.append(Alias(name, aliases[name]))
-        else:
-            entries.append(encode_one(name, tensor))
-        if progress is not None:
-            progress(1)
-    return entries
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

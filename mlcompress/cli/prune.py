@@ -10,7 +10,6 @@ from rich.console import Console
 
 from mlcompress.cli import app, options
 from mlcompress.cli.output import Output, human_bytes
-from mlcompress.cli.quantize import OptionalTask
 
 
 @app.command()
@@ -19,7 +18,7 @@ def prune(
     sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of conv/linear weights to zero, in [0, 1).")],
     method: Annotated[str, typer.Option("--method", help="magnitude (smallest |w|) or random.")] = "magnitude",
     scope: Annotated[str, typer.Option("--scope", help="global (rank all weights together) or layer (same fraction per tensor).")] = "global",
-    task: OptionalTask = None,
+    task: options.OptionalTask = None,
     data: options.DataDir = None,
     finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="Fine-tune this many steps on --task with the pruned weights held at zero.")] = 0,
     bits: Annotated[Optional[int], typer.Option("--bits", help="Also quantize the pruned weights (uniform, 1-16 bits) in the .mrc.")] = None,

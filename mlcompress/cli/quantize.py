@@ -11,8 +11,6 @@ from rich.console import Console
 from mlcompress.cli import app, options
 from mlcompress.cli.output import Output, human_bytes
 
-OptionalTask = options.OptionalTask
-
 
 @app.command()
 def quantize(
@@ -22,7 +20,7 @@ def quantize(
     per_channel: Annotated[bool, typer.Option("--per-channel", help="uniform: one scale/zero-point per output channel.")] = False,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="uniform: one scale/zero-point per N consecutive weights of a channel.")] = None,
     symmetric: Annotated[bool, typer.Option("--symmetric", help="uniform: levels -M..M with zero-point 0.")] = False,
-    task: OptionalTask = None,
+    task: options.OptionalTask = None,
     data: options.DataDir = None,
     target_ratio: Annotated[float, typer.Option("--target-ratio", help="l2: file size target, fp32 bytes / file bytes.")] = 20.0,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="l2: calibration inputs taken from the task's training set.")] = 1000,

@@ -105,7 +105,8 @@ def write_plan(
     Tensors planned as ``lossless`` are stored by ``lossless`` or, when that is not smaller (tiny
     biases), ``raw`` -- the same rule as ``mlcompress encode --lossless``.
     """
-    from mlcompress.encode import encode_entries, smallest_lossless
+    from mlcompress.container import encode_entries
+    from mlcompress.encode import smallest_lossless
 
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     if path is None:
