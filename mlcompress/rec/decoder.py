@@ -7,6 +7,10 @@ one specified float32 path ``nu + rho * z``, and moved to their flat indices by 
 arithmetic or a table lookup, so the result is bit-identical on every run, thread count and
 device.
 
+On the CPU the same computation runs in numpy (:mod:`mlcompress.rec.cpu_decoder`), which
+dispatches small ops several times faster; the torch code below is the CUDA path and the
+reference the numpy one is tested against.
+
 Speed: weights are produced in *position* order (block 0's slots, then block 1's, ...), where
 blocks come in two runs of equal size (``size + 1`` for the first ``numel % B`` blocks), so no
 masking is needed; then one gather through the inverse layout puts each weight in place (a
@@ -17,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from mlcompress.rec.cpu_decoder import decode_weights_cpu
 from mlcompress.rec.layout import BlockLayout
 from mlcompress.rec.sampler import candidate_weights, candidates
 
-__all__ = ["decode_weights", "weights_by_position"]
+__all__ = ["decode_weights", "decode_weights_torch", "weights_by_position"]
 
 # Weights generated per slice: small enough that a slice's passes stay in the CPU cache (and
 # the int32 hash grid's memory stays bounded).
@@ -59,8 +64,27 @@ def decode_weights(
     """float32 ``[layout.numel]`` flat weights of the chosen candidates, on ``device``.
 
     ``indices[b]`` is block ``b``'s candidate index in the stream of ``seed``. Weights of block
-    ``b``, slot ``j`` land at ``layout.flat_index(start_b + j)``.
+    ``b``, slot ``j`` land at ``layout.flat_index(start_b + j)``. On the CPU this runs the numpy
+    implementation (same bits, lower fixed cost per tensor); elsewhere :func:`decode_weights_torch`.
     """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return decode_weights_cpu(layout, indices, seed=seed, prior_mean=prior_mean, prior_std=prior_std)
+    return decode_weights_torch(layout, indices, seed=seed, prior_mean=prior_mean, prior_std=prior_std,
+                                device=device)
+
+
+def decode_weights_torch(
+    layout: BlockLayout,
+    indices: torch.Tensor,
+    *,
+    seed: int,
+    prior_mean: float,
+    prior_std: float,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """:func:`decode_weights` computed with torch ops on ``device`` (the CUDA path; on the CPU,
+    the reference the numpy path is tested against)."""
     device = torch.device(device)
     indices = indices.to(device=device, dtype=torch.int64)
     if indices.shape != (layout.num_blocks,):
