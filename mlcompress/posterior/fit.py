@@ -354,7 +354,8 @@ def fit_posterior(
             test = evaluate_posterior(task, model, dev)
             model.train()
         kl_bits = kl.detach() / NATS_PER_BIT
-        record = {"step": step, "loss": value, "kl_bits_mean": float(kl_bits.mean())}
+        record = {"step": step, "loss": value, "kl_bits_mean": float(kl_bits.mean()),
+                  "kl_bits_max": float(kl_bits.max())}
         if test is not None and config.eval_every and step % config.eval_every == 0:
             record["test_metric"] = test.metric
         history.append(record)
