@@ -18,6 +18,7 @@ Runs checkpoint every 500 steps into ``--work`` and continue from there when res
     python benchmarks/fit_posterior.py --work runs --init lenet5.pt --steps 10000 --params mean-kl &
     python benchmarks/fit_posterior.py --work runs --init lenet5.pt --steps 10000 --params mean-var
     python benchmarks/fit_posterior.py --work runs --report
+    python benchmarks/fit_posterior.py --work runs --init lenet5.pt --time-steps 50 --threads 2
 
 Short runs: ``--task mlp-digits --bits-per-weight 1 --min-rec-numel 256 --steps 3000 --train-epochs 40``.
 See docs/results.md ("fit-posterior") for what was measured and on which machine.
@@ -124,6 +125,19 @@ def run_one(args, task, init, param: str) -> dict:
     }
 
 
+def time_steps(args, task, init) -> None:
+    """ms per training step of each parameterization, measured in this one process."""
+    for param in args.params.split(","):
+        times = []
+        for steps in (5, 5 + args.time_steps):  # the difference excludes set-up and warm-up
+            config = FitConfig(parameterization=param, bits_per_block=args.bits_per_block,
+                               bits_per_weight=args.bits_per_weight, steps=steps, lr=args.lr,
+                               eval_every=0, checkpoint_every=0, min_rec_numel=args.min_rec_numel)
+            times.append(fit_posterior(task, init, config, device=args.device).seconds)
+        print(f"{param}: {1000 * (times[1] - times[0]) / args.time_steps:.0f} ms/step "
+              f"({torch.get_num_threads()} threads, {args.device}, batch {task.batch_size})", flush=True)
+
+
 def report(work: Path) -> None:
     results = {}
     for param in ("mean-kl", "mean-var"):
@@ -160,6 +174,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="directory for checkpoints and results")
     parser.add_argument("--params", default="mean-kl,mean-var")
     parser.add_argument("--report", action="store_true", help="only compare the results in --work")
+    parser.add_argument("--time-steps", type=int, default=0,
+                        help="only time this many training steps of each parameterization (after 5 warm-up steps)")
     parser.add_argument("--min-rec-numel", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -184,6 +200,9 @@ def main() -> None:
     fp32_bytes = 4 * sum(t.numel() for t in init.values())
     (args.work / "base.json").write_text(json.dumps({"test_error": 1 - base.metric, "fp32_bytes": fp32_bytes}))
     print(f"uncompressed {task.name}: test error {100 * (1 - base.metric):.2f}%; fp32 {fp32_bytes:,} bytes", flush=True)
+    if args.time_steps:
+        time_steps(args, task, init)
+        return
     for param in args.params.split(","):
         result = run_one(args, task, init, param)
         (args.work / f"{param}.json").write_text(json.dumps(result))
