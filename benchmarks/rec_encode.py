@@ -28,9 +28,11 @@ import torch
 from mlcompress.container import open_mrc
 from mlcompress.posterior.datafree import datafree_posterior
 from mlcompress.posterior.file import Posterior, PosteriorTensor, save_posterior
+from mlcompress.rec.decoder import decode_weights_torch
 from mlcompress.rec.compress import RecItem, RecOptions, coefficient_matrix, encode_rec
 from mlcompress.rec.encoder import select_candidates_loop
 from mlcompress.rec.layout import BlockLayout
+from mlcompress.rec.payload import decode_indices
 
 LENET5 = {
     "conv1.weight": (20, 1, 5, 5), "conv1.bias": (20,),
@@ -93,7 +95,6 @@ def main() -> None:
                                           selection=args.selection, block_offset=first_fc1)
         loop_per_block = (time.perf_counter() - start) / args.loop_blocks
         mrc = open_mrc(dst)
-        from mlcompress.rec.payload import decode_indices
 
         rec = mrc.record("fc1.weight")
         stored = decode_indices(mrc.payload("fc1.weight"), rec.params["blocks"], rec.params["bits"], rec.params["index_coding"])
@@ -104,6 +105,24 @@ def main() -> None:
             start = time.perf_counter()
             out = open_mrc(dst).tensors()
             decode_times.append(time.perf_counter() - start)
+        # Baseline in the same run: the torch implementation of the decoder (the CUDA path) on
+        # the CPU, for every REC tensor of the file (same bits; checked).
+        torch_times = []
+        for _ in range(args.decode_repeats):
+            start = time.perf_counter()
+            reader = open_mrc(dst)
+            by_torch = {}
+            for rec in reader.records:
+                if rec.codec != "rec":
+                    by_torch[rec.name] = reader.tensor(rec.name)
+                    continue
+                p = rec.params
+                idx = decode_indices(reader.payload(rec.name), p["blocks"], p["bits"], p["index_coding"])
+                by_torch[rec.name] = decode_weights_torch(
+                    BlockLayout(rec.numel, p["blocks"], p["layout_seed"]), torch.from_numpy(idx),
+                    seed=p["seed"], prior_mean=p["prior_mean"], prior_std=p["prior_std"]).reshape(rec.shape)
+            torch_times.append(time.perf_counter() - start)
+        torch_same = all(torch.equal(by_torch[n].view(torch.int32), out[n].view(torch.int32)) for n in out)
         fc1_times = []
         reader = open_mrc(dst)
         for _ in range(args.decode_repeats):
@@ -128,6 +147,9 @@ def main() -> None:
         "decode_seconds_median": round(sorted(decode_times)[len(decode_times) // 2], 4),
         "decode_weights_per_second_best": round(weights / min(decode_times)),
         "decode_weights_per_second_median": round(weights / sorted(decode_times)[len(decode_times) // 2]),
+        "decode_torch_path_weights_per_second_best": round(weights / min(torch_times)),
+        "decode_speedup_vs_torch_path": round(min(torch_times) / min(decode_times), 2),
+        "decode_torch_path_same_bits": torch_same,
         "decode_fc1_weights_per_second_best": round(400_000 / min(fc1_times)),
         "decode_fc1_weights_per_second_median": round(400_000 / sorted(fc1_times)[len(fc1_times) // 2]),
     }
