@@ -18,6 +18,7 @@ Runs checkpoint every 500 steps into ``--work`` and continue from there when res
     python benchmarks/fit_posterior.py --work runs --init lenet5.pt --steps 10000 --params mean-kl &
     python benchmarks/fit_posterior.py --work runs --init lenet5.pt --steps 10000 --params mean-var
     python benchmarks/fit_posterior.py --work runs --report
+    python benchmarks/fit_posterior.py --report runs-a/mean-kl.json runs-b/mean-var.json
     python benchmarks/fit_posterior.py --work runs --init lenet5.pt --time-steps 50 --threads 2
 
 Short runs: ``--task mlp-digits --bits-per-weight 1 --min-rec-numel 256 --steps 3000 --train-epochs 40``.
@@ -107,6 +108,7 @@ def run_one(args, task, init, param: str) -> dict:
         decoded.append(1 - evaluate_file(task, out, device=args.device)["accuracy"])
     return {
         "param": param,
+        "lr": args.lr,
         "steps": fit.steps,
         "seconds_per_step": fit.seconds / max(timed_steps, 1),
         "threads": torch.get_num_threads(),
@@ -138,15 +140,18 @@ def time_steps(args, task, init) -> None:
               f"({torch.get_num_threads()} threads, {args.device}, batch {task.batch_size})", flush=True)
 
 
-def report(work: Path) -> None:
+def report(paths: list[Path]) -> None:
+    """Compare finished runs: result files, or directories holding mean-kl.json / mean-var.json."""
+    files = []
+    for path in paths:
+        files += [path / f"{p}.json" for p in ("mean-kl", "mean-var") if (path / f"{p}.json").exists()] if path.is_dir() else [path]
+    if not files:
+        raise SystemExit(f"no results in {', '.join(map(str, paths))}")
     results = {}
-    for param in ("mean-kl", "mean-var"):
-        path = work / f"{param}.json"
-        if path.exists():
-            results[param] = json.loads(path.read_text())
-    if not results:
-        raise SystemExit(f"no results in {work}")
-    base = json.loads((work / "base.json").read_text())
+    for path in files:
+        r = json.loads(path.read_text())
+        results[f"{r['param']}, lr {r.get('lr', path.parent.name)}"] = r
+    base = json.loads((files[0].parent / "base.json").read_text())
     curves = {p: running_mean(r["loss"]) for p, r in results.items()}
     target = max(c[-1] for c in curves.values())
     print(f"uncompressed: test error {100 * base['test_error']:.2f}%, fp32 {base['fp32_bytes']:,} bytes")
@@ -163,6 +168,14 @@ def report(work: Path) -> None:
               f"{first_step(curves[param], target, within)} | {1000 * r['seconds_per_step']:.0f} | "
               f"{r['kl_bits_min']:.2f}-{r['kl_bits_max']:.2f} | {100 * r['test_error_mean']:.2f}% / "
               f"{100 * r['test_error_samples']:.2f}% / {dec_text} | {r['mrc_bytes']:,} |")
+    thresholds = [t for t in (2.0, 1.5, 1.0, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
+                  if t < min(c[WINDOW - 1] for c in curves.values()) and any(min(c) <= t for c in curves.values())][:8]
+    print("\nsteps to a training CE (100-step mean) at or below t, with every block within 5% of its budget:")
+    print("| run | " + " | ".join(f"t = {t}" for t in thresholds) + " |")
+    print("|---|" + "---:|" * len(thresholds))
+    for label, r in results.items():
+        within = [k <= r["budget_bits"] * BUDGET_SLACK for k in r["kl_bits_max_per_step"]]
+        print(f"| {label} | " + " | ".join(str(first_step(curves[label], t, within) or "-") for t in thresholds) + " |")
     print("\ntraining CE (100-step running mean) every 1000 steps:")
     for param, c in curves.items():
         print(f"  {param}: " + ", ".join(f"{c[i]:.3f}" for i in range(999, len(c), 1000)))
@@ -171,9 +184,10 @@ def report(work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="lenet5")
-    parser.add_argument("--work", type=Path, required=True, help="directory for checkpoints and results")
+    parser.add_argument("--work", type=Path, default=Path("fit-runs"), help="directory for checkpoints and results")
     parser.add_argument("--params", default="mean-kl,mean-var")
-    parser.add_argument("--report", action="store_true", help="only compare the results in --work")
+    parser.add_argument("--report", nargs="*", type=Path, metavar="RUN",
+                        help="only compare finished runs (result .json files or run directories; default --work)")
     parser.add_argument("--time-steps", type=int, default=0,
                         help="only time this many training steps of each parameterization (after 5 warm-up steps)")
     parser.add_argument("--min-rec-numel", type=int, default=1024)
@@ -189,10 +203,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    if args.report:
-        report(args.work)
+    if args.report is not None:
+        report(args.report or [args.work])
         return
+    args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     task = get_task(args.task)
     init, train_seconds = start_model(args, task)
@@ -210,7 +224,7 @@ def main() -> None:
         print(f"{param}: done, {result['seconds_per_step'] * 1000:.0f} ms/step, test error at mean "
               f"{100 * result['test_error_mean']:.2f}%, decoded {[round(100 * d, 2) for d in dec]}", flush=True)
     if len(args.params.split(",")) > 1:
-        report(args.work)
+        report([args.work])
 
 
 if __name__ == "__main__":
