@@ -44,7 +44,7 @@ def fit_posterior_command(
     bits_per_block: Annotated[int, typer.Option("--bits-per-block", help="KL budget of one REC block in bits, 1..24 (2^bits candidates when encoding).")] = 20,
     bits_per_weight: Annotated[float, typer.Option("--bits-per-weight", help="Budget per coded weight; sets the number of blocks.")] = 1.0,
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in total (a resumed run continues up to this).")] = 2000,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default: 3e-2 for mean-kl, 3e-3 for mean-var; see docs/posterior.md).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: the task's).")] = None,
     min_rec_numel: Annotated[int, typer.Option("--min-rec-numel", help="Give a posterior to Linear/conv weights with at least this many weights (the encoder's rule).")] = 1024,
     local_reparam: Annotated[bool, typer.Option("--local-reparam/--no-local-reparam", help="Local reparameterization for Linear layers.")] = True,

@@ -41,6 +41,14 @@ _LR_FLOOR = 0.01  # the cosine schedule ends at this fraction of --lr
 CHECKPOINT_VERSION = 1
 
 
+#: Default Adam learning rate per parameterization. Adam moves every parameter by about ``lr`` per
+#: step in its own coordinates, and those differ: Mean-Var's mean is in weight units, Mean-KL's in
+#: ``atanh`` of the fraction of the mean bound ``rho*sqrt(2*kappa)`` (tiny at low KL) and its KL
+#: shares in softmax logits, so Mean-KL needs a ~10x larger rate to move as fast. Measured on
+#: LeNet-5 / Fashion-MNIST and the digits MLP (docs/results.md, "fit-posterior"; docs/posterior.md).
+DEFAULT_LR = {MEAN_KL: 3e-2, MEAN_VAR: 3e-3}
+
+
 class TrainingDiverged(MlcompressError):
     """The loss or a gradient became NaN/Inf; the last good state was kept."""
 
@@ -53,7 +61,7 @@ class FitConfig:
     bits_per_block: int = 20
     bits_per_weight: float = 1.0
     steps: int = 2000
-    lr: float = 1e-3
+    lr: float | None = None  # None: DEFAULT_LR of the parameterization
     batch_size: int | None = None  # the task's default when None
     seed: int = 0
     local_reparam: bool = True
@@ -67,6 +75,10 @@ class FitConfig:
     checkpoint_every: int = 500
     coded: list[str] | None = None  # parameter names that get a posterior; None: the default rule
     min_rec_numel: int = DEFAULT_MIN_REC_NUMEL  # default rule: Linear/conv weights this large
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.parameterization, DEFAULT_LR[MEAN_VAR])
 
     def beta_step_at(self, step: int) -> float:
         """The annealing step size after ``step`` steps (0-based).
