@@ -32,7 +32,9 @@ __all__ = ["decode_weights_cpu"]
 
 _U32 = np.uint32
 _LOW_MASK = _U32((1 << TABLE_BITS) - 1)
-# Values per slice: small enough that a slice's passes stay in the CPU cache.
+# Values per slice: small enough that a slice's passes stay in the CPU cache (2^13 to 2^16 were
+# timed on a LeNet-5 file; 2^15 and 2^16 tied, 2^13 was 25% slower). The gather into place runs
+# per slice too, so no full-size index arrays are built.
 _SLICE = 1 << 15
 
 
@@ -147,5 +149,10 @@ def decode_weights_cpu(
     # w = nu + rho * z: float32 product, then float32 sum (two roundings, as the torch path).
     z *= np.float32(prior_std)
     z += np.float32(prior_mean)
-    position = _Permutation(layout).inverse(np.arange(layout.numel, dtype=np.int32))
-    return torch.from_numpy(np.take(z, position))
+    # Gather into place slice by slice: out[f] = z[position_of(f)].
+    permutation = _Permutation(layout)
+    out = np.empty(layout.numel, dtype=np.float32)
+    for s0 in range(0, layout.numel, _SLICE):
+        s1 = min(layout.numel, s0 + _SLICE)
+        np.take(z, permutation.inverse(np.arange(s0, s1, dtype=np.int32)), out=out[s0:s1])
+    return torch.from_numpy(out)
