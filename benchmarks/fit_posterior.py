@@ -74,7 +74,7 @@ def start_model(args, task) -> tuple[dict, float]:
 
 def run_one(args, task, init, param: str) -> dict:
     work: Path = args.work
-    config = FitConfig(parameterization=param, bits_per_block=args.bits_per_block,
+    config = FitConfig(parameterization=param, bits_per_block=args.bits_per_block, kl_margin=args.kl_margin,
                        bits_per_weight=args.bits_per_weight, steps=args.steps, lr=args.lr,
                        eval_every=0, checkpoint_every=500, min_rec_numel=args.min_rec_numel)
     checkpoint = work / f"{param}.ckpt"
@@ -114,7 +114,8 @@ def run_one(args, task, init, param: str) -> dict:
         "threads": torch.get_num_threads(),
         "loss": [h["loss"] for h in fit.history],
         "kl_bits_max_per_step": [h.get("kl_bits_max", float("nan")) for h in fit.history],
-        "budget_bits": args.bits_per_block,
+        "budget_bits": args.bits_per_block - args.kl_margin,
+        "kl_margin": args.kl_margin,
         "blocks": fit.layout.num_blocks,
         "kl_bits_min": float(kl_bits.min()),
         "kl_bits_max": float(kl_bits.max()),
@@ -150,7 +151,8 @@ def report(paths: list[Path]) -> None:
     results = {}
     for path in files:
         r = json.loads(path.read_text())
-        results[f"{r['param']}, lr {r.get('lr', path.parent.name)}"] = r
+        margin = f", KL margin {r['kl_margin']:g} bits" if r.get("kl_margin") else ""
+        results[f"{r['param']}, lr {r.get('lr', path.parent.name)}{margin}"] = r
     base = json.loads((files[0].parent / "base.json").read_text())
     curves = {p: running_mean(r["loss"]) for p, r in results.items()}
     target = max(c[-1] for c in curves.values())
@@ -195,6 +197,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--bits-per-block", type=int, default=20)
     parser.add_argument("--bits-per-weight", type=float, default=0.03)
+    parser.add_argument("--kl-margin", type=float, default=0.0, help="train blocks to this many bits below --bits-per-block")
     parser.add_argument("--train-epochs", type=int, default=3)
     parser.add_argument("--init", type=Path, help="trained model of the task (default: train one)")
     parser.add_argument("--samples", type=int, default=5, help="posterior samples to evaluate")

@@ -200,6 +200,28 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_state(digits,
     assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
 
 
+def test_kl_margin_trains_below_the_coding_bits(digits, digits_init, tmp_path):
+    from mlcompress.container import open_mrc
+    from mlcompress.rec.compress import RecOptions, encode_rec
+
+    plain = fit_posterior(digits, digits_init, _config(steps=5), device="cpu")
+    result = fit_posterior(digits, digits_init, _config(steps=5, kl_margin=1.5), device="cpu")
+    kl_bits = result.model.kl_per_block().detach() / NATS_PER_BIT
+    assert torch.allclose(kl_bits, torch.full_like(kl_bits, 10.5), rtol=1e-5, atol=0)
+    # Same blocks (same file size), coded with 2^12 candidates.
+    assert result.layout.num_blocks == plain.layout.num_blocks
+    path = save_fit(result, digits, tmp_path / "q.safetensors")
+    assert load_posterior(path).bits_per_block == 12
+    summary = encode_rec(path, tmp_path / "q.mrc", options=RecOptions())
+    assert summary["bits_per_block"] == 12 and abs(summary["kl_bits_per_block_max"] - 10.5) < 1e-3
+    rec = open_mrc(tmp_path / "q.mrc").record("fc1.weight")
+    assert rec.params["bits"] == 12
+    with pytest.raises(InputError, match="--kl-margin"):
+        build_variational(digits, digits_init, _config(kl_margin=12), CPU)
+    with pytest.raises(InputError, match="--kl-margin"):
+        build_variational(digits, digits_init, _config(kl_margin=-1), CPU)
+
+
 def test_bad_inputs_are_clear_errors(digits, digits_init):
     with pytest.raises(InputError, match="less than one weight"):
         build_variational(digits, digits_init, _config(bits_per_weight=16), CPU)

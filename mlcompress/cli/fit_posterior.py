@@ -42,6 +42,7 @@ def fit_posterior_command(
     data: options.DataDir = None,
     param: Annotated[str, typer.Option("--param", help="Posterior parameterization: mean-kl (budget holds by construction) or mean-var (beta annealing).")] = "mean-kl",
     bits_per_block: Annotated[int, typer.Option("--bits-per-block", help="KL budget of one REC block in bits, 1..24 (2^bits candidates when encoding).")] = 20,
+    kl_margin: Annotated[float, typer.Option("--kl-margin", help="Train each block to this many bits less KL than --bits-per-block, so REC has 2^margin times more candidates than exp(KL) (see docs/posterior.md).")] = 0.0,
     bits_per_weight: Annotated[float, typer.Option("--bits-per-weight", help="Budget per coded weight; sets the number of blocks.")] = 1.0,
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in total (a resumed run continues up to this).")] = 2000,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default: 3e-2 for mean-kl, 3e-3 for mean-var; see docs/posterior.md).")] = None,
@@ -73,7 +74,7 @@ def fit_posterior_command(
     check_destination(output, force=force)
     out = Output(json, quiet)
     config = FitConfig(
-        parameterization=param, bits_per_block=bits_per_block, bits_per_weight=bits_per_weight,
+        parameterization=param, bits_per_block=bits_per_block, kl_margin=kl_margin, bits_per_weight=bits_per_weight,
         steps=steps, lr=lr, batch_size=batch_size, seed=seed, local_reparam=local_reparam,
         beta_init=beta_init, beta_step=beta_step, eval_every=eval_every,
         checkpoint_every=checkpoint_every, min_rec_numel=min_rec_numel,

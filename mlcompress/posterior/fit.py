@@ -59,6 +59,7 @@ class FitConfig:
 
     parameterization: str = MEAN_KL
     bits_per_block: int = 20
+    kl_margin: float = 0.0  # bits: each block's KL budget is bits_per_block - kl_margin
     bits_per_weight: float = 1.0
     steps: int = 2000
     lr: float | None = None  # None: DEFAULT_LR of the parameterization
@@ -176,6 +177,7 @@ def build_variational(
         bits_per_block=config.bits_per_block,
         bits_per_weight=config.bits_per_weight,
         seed=config.seed,
+        kl_margin=config.kl_margin,
     )
     model = VariationalModel(
         base,
@@ -261,7 +263,7 @@ def load_fit_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-_MUST_MATCH_ON_RESUME = ("parameterization", "bits_per_block", "bits_per_weight", "seed",
+_MUST_MATCH_ON_RESUME = ("parameterization", "bits_per_block", "kl_margin", "bits_per_weight", "seed",
                          "local_reparam", "coded", "min_rec_numel", "batch_size", "beta_init")
 
 
@@ -290,7 +292,8 @@ def fit_posterior(
         if saved["task"] != task.name:
             raise InputError(f"checkpoint {checkpoint} is for task {saved['task']!r}, not {task.name!r}")
         for key in _MUST_MATCH_ON_RESUME:
-            if saved["config"].get(key) != getattr(config, key):
+            # A key missing from an older checkpoint had its default value then.
+            if saved["config"].get(key, FitConfig.__dataclass_fields__[key].default) != getattr(config, key):
                 raise UsageError(
                     f"--resume: {key} is {getattr(config, key)!r} but the checkpoint was made with "
                     f"{saved['config'].get(key)!r}", hint="resume with the original settings",
@@ -315,7 +318,7 @@ def fit_posterior(
     batch_size = config.batch_size or task.batch_size
     num_train = _num_train(task, batch_size)
     epoch_length = steps_per_epoch(task, batch_size)
-    budget_bits = config.bits_per_block
+    budget_bits = config.bits_per_block - config.kl_margin
     recent: list[float] = []
     test: Evaluation | None = None
     started = time.perf_counter()
@@ -483,6 +486,7 @@ def fit_to_file(
         "coded_weights": int(sum(result.model.sizes)),
         "blocks": result.layout.num_blocks,
         "bits_per_block": config.bits_per_block,
+        "kl_margin": config.kl_margin,
         "bits_per_weight": config.bits_per_weight,
         "kl_bits_mean": float(kl_bits.mean()),
         "kl_bits_min": float(kl_bits.min()),

@@ -52,11 +52,22 @@ def training_layout(
     bits_per_block: int,
     bits_per_weight: float,
     seed: int,
+    kl_margin: float = 0.0,
 ) -> TrainingLayout:
-    """The block layout of the coded tensors ``shapes`` (name -> shape, in coding order)."""
+    """The block layout of the coded tensors ``shapes`` (name -> shape, in coding order).
+
+    Every block's KL budget is ``bits_per_block - kl_margin`` bits, coded with ``2^bits_per_block``
+    candidates: a margin gives importance sampling ``2^margin`` times more candidates than
+    ``exp(KL)``, which makes the coded sample a closer draw from the posterior (docs/posterior.md).
+    """
     if not (isinstance(bits_per_block, int) and MIN_BITS_PER_BLOCK <= bits_per_block <= MAX_BITS_PER_BLOCK):
         raise InputError(
             f"--bits-per-block must be an integer in [{MIN_BITS_PER_BLOCK}, {MAX_BITS_PER_BLOCK}], got {bits_per_block}"
+        )
+    if not (0 <= kl_margin < bits_per_block):
+        raise InputError(
+            f"--kl-margin must be at least 0 and below --bits-per-block ({bits_per_block}), got {kl_margin:g}",
+            hint="a margin of 1-2 bits is typical",
         )
     if not (bits_per_weight > 0 and math.isfinite(bits_per_weight)):
         raise InputError(f"--bits-per-weight must be a positive number, got {bits_per_weight}")
@@ -74,7 +85,7 @@ def training_layout(
         layouts.append(layout)
         pieces.append(block_of)
         offset += count
-    budget = torch.full((offset,), bits_per_block * NATS_PER_BIT, dtype=torch.float64)
+    budget = torch.full((offset,), (bits_per_block - kl_margin) * NATS_PER_BIT, dtype=torch.float64)
     return TrainingLayout(
         names=names,
         shapes=[tuple(s) for s in shapes.values()],
