@@ -293,10 +293,11 @@ def fit_posterior(
             raise InputError(f"checkpoint {checkpoint} is for task {saved['task']!r}, not {task.name!r}")
         for key in _MUST_MATCH_ON_RESUME:
             # A key missing from an older checkpoint had its default value then.
-            if saved["config"].get(key, FitConfig.__dataclass_fields__[key].default) != getattr(config, key):
+            was = saved["config"].get(key, FitConfig.__dataclass_fields__[key].default)
+            if was != getattr(config, key):
                 raise UsageError(
                     f"--resume: {key} is {getattr(config, key)!r} but the checkpoint was made with "
-                    f"{saved['config'].get(key)!r}", hint="resume with the original settings",
+                    f"{was!r}", hint="resume with the original settings",
                 )
         if config.steps < saved["step"]:
             raise UsageError(f"--steps {config.steps} is below the checkpoint's step {saved['step']}")
