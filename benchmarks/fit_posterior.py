@@ -72,11 +72,16 @@ def start_model(args, task) -> tuple[dict, float]:
     return trained.model.state_dict(), trained.seconds
 
 
+def fit_config(args, param: str, steps: int, checkpoint_every: int) -> FitConfig:
+    """The fit settings from the command line (the same for every run being compared)."""
+    return FitConfig(parameterization=param, bits_per_block=args.bits_per_block, kl_margin=args.kl_margin,
+                     bits_per_weight=args.bits_per_weight, steps=steps, lr=args.lr,
+                     eval_every=0, checkpoint_every=checkpoint_every, min_rec_numel=args.min_rec_numel)
+
+
 def run_one(args, task, init, param: str) -> dict:
     work: Path = args.work
-    config = FitConfig(parameterization=param, bits_per_block=args.bits_per_block, kl_margin=args.kl_margin,
-                       bits_per_weight=args.bits_per_weight, steps=args.steps, lr=args.lr,
-                       eval_every=0, checkpoint_every=500, min_rec_numel=args.min_rec_numel)
+    config = fit_config(args, param, args.steps, checkpoint_every=500)
     checkpoint = work / f"{param}.ckpt"
     started = time.perf_counter()
     first_step_here: list[int] = []
@@ -108,7 +113,7 @@ def run_one(args, task, init, param: str) -> dict:
         decoded.append(1 - evaluate_file(task, out, device=args.device)["accuracy"])
     return {
         "param": param,
-        "lr": args.lr,
+        "lr": config.lr,
         "steps": fit.steps,
         "seconds_per_step": fit.seconds / max(timed_steps, 1),
         "threads": torch.get_num_threads(),
@@ -133,9 +138,7 @@ def time_steps(args, task, init) -> None:
     for param in args.params.split(","):
         times = []
         for steps in (5, 5 + args.time_steps):  # the difference excludes set-up and warm-up
-            config = FitConfig(parameterization=param, bits_per_block=args.bits_per_block,
-                               bits_per_weight=args.bits_per_weight, steps=steps, lr=args.lr,
-                               eval_every=0, checkpoint_every=0, min_rec_numel=args.min_rec_numel)
+            config = fit_config(args, param, steps, checkpoint_every=0)
             times.append(fit_posterior(task, init, config, device=args.device).seconds)
         print(f"{param}: {1000 * (times[1] - times[0]) / args.time_steps:.0f} ms/step "
               f"({torch.get_num_threads()} threads, {args.device}, batch {task.batch_size})", flush=True)
@@ -155,6 +158,8 @@ def report(paths: list[Path]) -> None:
         results[f"{r['param']}, lr {r.get('lr', path.parent.name)}{margin}"] = r
     base = json.loads((files[0].parent / "base.json").read_text())
     curves = {p: running_mean(r["loss"]) for p, r in results.items()}
+    # Per step: is every block within 5% of its budget (the equal-rate condition)?
+    within = {p: [k <= r["budget_bits"] * BUDGET_SLACK for k in r["kl_bits_max_per_step"]] for p, r in results.items()}
     target = max(c[-1] for c in curves.values())
     print(f"uncompressed: test error {100 * base['test_error']:.2f}%, fp32 {base['fp32_bytes']:,} bytes")
     print(f"common training cross-entropy target (higher final {WINDOW}-step mean): {target:.4f}")
@@ -163,11 +168,10 @@ def report(paths: list[Path]) -> None:
     print("|---|---:|---:|---:|---:|---|---|---:|")
     print(f"| uncompressed | - | - | - | - | - | {100 * base['test_error']:.2f}% | {base['fp32_bytes']:,} |")
     for param, r in results.items():
-        within = [k <= r["budget_bits"] * BUDGET_SLACK for k in r["kl_bits_max_per_step"]]
         dec = r["test_error_decoded"]
         dec_text = f"{100 * statistics.mean(dec):.2f}% (seeds: {', '.join(f'{100 * d:.1f}' for d in dec)})"
         print(f"| {param} | {r['steps']} | {first_step(curves[param], target)} | "
-              f"{first_step(curves[param], target, within)} | {1000 * r['seconds_per_step']:.0f} | "
+              f"{first_step(curves[param], target, within[param])} | {1000 * r['seconds_per_step']:.0f} | "
               f"{r['kl_bits_min']:.2f}-{r['kl_bits_max']:.2f} | {100 * r['test_error_mean']:.2f}% / "
               f"{100 * r['test_error_samples']:.2f}% / {dec_text} | {r['mrc_bytes']:,} |")
     thresholds = [t for t in (2.0, 1.5, 1.0, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
@@ -176,8 +180,7 @@ def report(paths: list[Path]) -> None:
     print("| run | " + " | ".join(f"t = {t}" for t in thresholds) + " |")
     print("|---|" + "---:|" * len(thresholds))
     for label, r in results.items():
-        within = [k <= r["budget_bits"] * BUDGET_SLACK for k in r["kl_bits_max_per_step"]]
-        print(f"| {label} | " + " | ".join(str(first_step(curves[label], t, within) or "-") for t in thresholds) + " |")
+        print(f"| {label} | " + " | ".join(str(first_step(curves[label], t, within[label]) or "-") for t in thresholds) + " |")
     print("\ntraining CE (100-step running mean) every 1000 steps:")
     for param, c in curves.items():
         print(f"  {param}: " + ", ".join(f"{c[i]:.3f}" for i in range(999, len(c), 1000)))
@@ -194,7 +197,8 @@ def main() -> None:
                         help="only time this many training steps of each parameterization (after 5 warm-up steps)")
     parser.add_argument("--min-rec-numel", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10000)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate for every run (default: fit-posterior's per parameterization)")
     parser.add_argument("--bits-per-block", type=int, default=20)
     parser.add_argument("--bits-per-weight", type=float, default=0.03)
     parser.add_argument("--kl-margin", type=float, default=0.0, help="train blocks to this many bits below --bits-per-block")
