@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlcompress.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from mlcompress.diverge.compare import DivergeOptions, diverge  # noqa: E402
+from mlcompress.divergence.compare import DivergeOptions, diverge  # noqa: E402
 
 
 def build_model(root: Path, *, vocab: int, d: int, layers: int, ctx: int, init: float) -> Path:
@@ -98,7 +98,7 @@ def peak_memory(ref: Path, cmp: Path, data: Path, ctx: int, batch: int) -> float
     """Peak RSS (MiB) of a fresh process running the whole comparison."""
     code = (
         "import resource, sys, torch; sys.path.insert(0, %r); torch.set_num_threads(%d)\n"
-        "from mlcompress.diverge.compare import DivergeOptions, diverge\n"
+        "from mlcompress.divergence.compare import DivergeOptions, diverge\n"
         "r = diverge(%r, %r, DivergeOptions(data=%r, ctx=%d, batch_size=%d, device='cpu')).report\n"
         "print(r['positions'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     ) % (str(REPO), torch.get_num_threads(), str(ref), str(cmp), str(data), ctx, batch)
@@ -126,7 +126,7 @@ def cache_error(ref: Path, cmps: dict[float, Path], data: Path, ctx: int, ks: li
 
 
 def mean_entropy(ref: Path, data: Path, ctx: int) -> float:
-    from mlcompress.diverge.models import load_pair
+    from mlcompress.divergence.models import load_pair
 
     model, _ = load_pair(ref, ref, device=torch.device("cpu"))
     ids = torch.tensor([json.loads(data.read_text().splitlines()[0])["input_ids"][:ctx]])

@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
-from mlcompress.decode import decode_file
+from mlcompress.api import decode_file
 from mlcompress.posterior.fit import FitConfig, FitStatus, fit_posterior, save_fit
-from mlcompress.rec.compress import RecOptions, encode_rec
+from mlcompress.options import Rec as RecOptions
+from mlcompress.rec.compress import encode_rec
 from mlcompress.tasks import evaluate_model, get_task, load_task_model, train_task_model
-from mlcompress.tasks.evaluation import evaluate_file
+from mlcompress.posterior.evaluation import evaluate_file
 
 WINDOW = 100  # steps in the running mean of the training cross-entropy
 BUDGET_SLACK = 1.05  # "within budget": every block's KL at most 5% above it

@@ -33,7 +33,7 @@ import torch
 
 from mlcompress.codecs.raw import tensor_to_le_bytes
 from mlcompress.container import open_mrc
-from mlcompress.encode import encode_lossless
+from mlcompress.lossless import encode_lossless
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> tuple[float, float, object]:

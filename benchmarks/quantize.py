@@ -22,7 +22,7 @@ import torch
 from mlcompress.prune import apply_masks, finetune_masked, prune_masks
 from mlcompress.quant.calibrate import L2Config, l2_compress
 from mlcompress.quant.plan import uniform_plan, write_plan
-from mlcompress.quantize import dequantize_uniform
+from mlcompress.quant.quantize import dequantize_uniform
 from mlcompress.tasks import evaluate_model, get_task, load_task_model, train_task_model
 
 
@@ -46,7 +46,7 @@ def prune_rows(task, tensors, finetune_steps: int) -> list[tuple]:
         plan = uniform_plan(pruned, bits)
         size = write_plan(None, pruned, plan, {})
         how = f"fine-tuned {finetune_steps} steps" if finetune_steps else "no fine-tuning"
-        rows.append((f"magnitude prune {sparsity:.0%} + {bits}-bit ({how})", size.ratio,
+        rows.append((f"magnitude prune {sparsity:.0%} + {bits}-bit ({how})", size.fp32_ratio,
                      accuracy(task, dequantize_uniform(pruned, plan)), ""))
     return rows
 
@@ -58,7 +58,7 @@ def rows_for(task, tensors, targets, calib_samples: int) -> list[tuple]:
             plan = uniform_plan(tensors, bits, per_channel=per_channel)
             size = write_plan(None, tensors, plan, {})
             label = f"data-free {bits}-bit" + (" per-channel" if per_channel else "")
-            rows.append((label, size.ratio, accuracy(task, dequantize_uniform(tensors, plan)),
+            rows.append((label, size.fp32_ratio, accuracy(task, dequantize_uniform(tensors, plan)),
                          f"{size.bits_per_quantized_weight:.2f} bit/w stored"))
     rows += prune_rows(task, tensors, finetune_steps=0)
     rows += prune_rows(task, tensors, finetune_steps=300)
@@ -69,9 +69,9 @@ def rows_for(task, tensors, targets, calib_samples: int) -> list[tuple]:
         result = l2_compress(model, calib, L2Config(target_ratio=target))
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
         size = write_plan(None, result.tensors, result.plan, {})
-        rows.append((f"L² target {target:g}x", size.ratio, accuracy(task, result.dequantized),
+        rows.append((f"L² target {target:g}x", size.fp32_ratio, accuracy(task, result.dequantized),
                      f"sparsity {result.sparsity:.1%}, {wall:.0f} s wall / {cpu:.0f} s CPU"))
-        print(f"  L² {target:g}x done: ratio {size.ratio:.1f}", flush=True)
+        print(f"  L² {target:g}x done: ratio {size.fp32_ratio:.1f}", flush=True)
     return rows
 
 

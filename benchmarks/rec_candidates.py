@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from mlcompress.decode import decode_file
+from mlcompress.api import decode_file
 from mlcompress.posterior.file import load_posterior, save_posterior
-from mlcompress.rec.compress import RecOptions, encode_rec
+from mlcompress.options import Rec as RecOptions
+from mlcompress.rec.compress import encode_rec
 from mlcompress.tasks import get_task
-from mlcompress.tasks.evaluation import evaluate_file
+from mlcompress.posterior.evaluation import evaluate_file
 
 
 def main() -> None:

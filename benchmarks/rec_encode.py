@@ -28,11 +28,12 @@ import torch
 from mlcompress.container import open_mrc
 from mlcompress.posterior.datafree import datafree_posterior
 from mlcompress.posterior.file import Posterior, PosteriorTensor, save_posterior
-from mlcompress.rec.decoder import decode_weights_torch
-from mlcompress.rec.compress import RecItem, RecOptions, coefficient_matrix, encode_rec
+from mlcompress.codecs.rec.decoder import decode_weights_torch
+from mlcompress.options import Rec as RecOptions
+from mlcompress.rec.compress import RecItem, coefficient_matrix, encode_rec
 from mlcompress.rec.encoder import select_candidates_loop
-from mlcompress.rec.layout import BlockLayout
-from mlcompress.rec.payload import decode_indices
+from mlcompress.codecs.rec.layout import BlockLayout
+from mlcompress.codecs.rec.payload import decode_indices
 
 LENET5 = {
     "conv1.weight": (20, 1, 5, 5), "conv1.bias": (20,),

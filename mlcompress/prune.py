@@ -20,20 +20,25 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
+from mlcompress.assembly import base_metadata, default_output
+from mlcompress.atomic import check_destination
+from mlcompress.checkpoint import load_checkpoint, save_checkpoint
+from mlcompress.container import open_mrc, shared_storage_aliases
+from mlcompress.device import resolve_device
 from mlcompress.errors import UsageError
+from mlcompress.options import Prune, check_sparsity
+from mlcompress.progress import Progress, report
 from mlcompress.quant.plan import is_quantizable, uniform_plan, write_plan
+from mlcompress.quant.quantize import dequantize_uniform
+from mlcompress.report import Report
+from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
 
 METHODS = ("magnitude", "random")
 SCOPES = ("global", "layer")
-
-
-def check_sparsity(sparsity: float) -> None:
-    if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
-        raise UsageError(f"--sparsity must be in [0, 1), got {sparsity}", hint="e.g. --sparsity 0.9 zeros 90% of the weights")
 
 
 def _scores(tensors: Mapping[str, torch.Tensor], method: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -95,15 +100,13 @@ def finetune_masked(
     lr: float | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train the task's model for ``steps`` Adam steps with pruned weights held at zero.
 
     The gradient of pruned entries is zeroed and the mask re-applied after every step (Adam's
     momentum could otherwise revive them), so the sparsity pattern is exactly preserved.
     """
-    from mlcompress.tasks import load_task_model
-
     model = load_task_model(task, tensors, device).train()
     params = dict(model.named_parameters())
     dev_masks = {n: m.to(device) for n, m in masks.items() if n in params}
@@ -122,8 +125,7 @@ def finetune_masked(
                 for n, m in dev_masks.items():
                     params[n].masked_fill_(m, 0)
             step += 1
-            if progress is not None:
-                progress(step, steps, float(loss.detach()))
+            report(progress, "fine-tune", step, steps, "steps", loss=float(loss.detach()))
             if step >= steps:
                 break
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -144,27 +146,15 @@ def prune_checkpoint(
     unsafe_pickle: bool = False,
     seed: int = 0,
     device: str | torch.device = "auto",
-    progress: Callable[[int, int, float], None] | None = None,
-) -> dict[str, Any]:
+    progress: Progress | None = None,
+) -> Report:
     """Prune the checkpoint at ``src`` and write ``output`` (``.mrc``, ``.safetensors`` or ``.pt``)."""
-    from mlcompress.atomic import check_destination
-    from mlcompress.checkpoint import load_checkpoint, save_checkpoint
-    from mlcompress.device import resolve_device
-    from mlcompress.encode import base_metadata, default_output
-    from mlcompress.quant import uniform
-
     start = time.perf_counter()
-    check_sparsity(sparsity)
+    Prune(sparsity=sparsity, method=method, scope=scope, task=task, finetune_steps=finetune_steps, bits=bits).validate()
     if method not in METHODS:
         raise UsageError(f"unknown pruning method {method!r}", hint=f"use one of: {', '.join(METHODS)}")
     if scope not in SCOPES:
         raise UsageError(f"unknown pruning scope {scope!r}", hint=f"use one of: {', '.join(SCOPES)}")
-    if finetune_steps < 0:
-        raise UsageError(f"--finetune-steps must be >= 0, got {finetune_steps}")
-    if finetune_steps and task is None:
-        raise UsageError("--finetune-steps needs --task (the data to fine-tune on)")
-    if bits is not None:
-        uniform.check_bits(bits)
     dev = resolve_device(device)
     src = Path(src)
     dst = Path(output) if output is not None else default_output(src)
@@ -174,8 +164,6 @@ def prune_checkpoint(
     tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
     task_obj = None
     if task is not None:
-        from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
-
         task_obj = get_task(task, data)
         check_state_dict_fits(task_obj, tensors)
 
@@ -185,12 +173,10 @@ def prune_checkpoint(
         pruned = finetune_masked(task_obj, pruned, masks, finetune_steps, seed=seed, device=dev, progress=progress)
         pruned = apply_masks(pruned, masks)  # exact zeros, whatever the optimiser did
     options = {"method": method, "scope": scope, "sparsity": sparsity, "finetune_steps": finetune_steps, "bits": bits}
-    summary: dict[str, Any] = {"input": str(src), "output": str(dst), **options}
+    summary: dict[str, Any] = {"input": str(src), **options}
     stored = pruned
     if bits is not None:
         plan = uniform_plan(pruned, bits)
-        from mlcompress.quantize import dequantize_uniform
-
         stored_eval = dequantize_uniform(pruned, plan)
     else:
         plan = {n: ("lossless", {}) for n in pruned}
@@ -205,9 +191,10 @@ def prune_checkpoint(
         metadata = base_metadata(src, {"method": "prune", **options})
         size = write_plan(dst, stored, plan, metadata, force=force)
         summary.update(size.as_dict())
-    else:
-        save_checkpoint(stored, dst, force=force)
-        fp32 = 4 * sum(t.numel() for t in stored.values())
-        summary.update({"file_bytes": dst.stat().st_size, "fp32_bytes": fp32, "ratio": fp32 / dst.stat().st_size})
-    summary["seconds"] = time.perf_counter() - start
-    return summary
+        return Report.of(open_mrc(dst), "prune", time.perf_counter() - start, summary)
+    save_checkpoint(stored, dst, force=force)
+    tied = shared_storage_aliases(tensors)
+    once = [t for n, t in stored.items() if n not in tied]
+    numel = sum(t.numel() for t in once)
+    return Report(dst, "prune", len(stored), numel, sum(t.numel() * t.element_size() for t in once), 4 * numel,
+                  dst.stat().st_size, time.perf_counter() - start, summary)

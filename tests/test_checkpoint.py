@@ -444,7 +444,7 @@ def test_existing_file_is_not_overwritten_without_force(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "suffix, target", [(".safetensors", "safetensors.torch.save_file"), (".pt", "torch.save")]
+    "suffix, target", [(".safetensors", "mlcompress.checkpoint.safetensors_file.save_file"), (".pt", "torch.save")]
 )
 def test_failed_write_leaves_destination_untouched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str, target: str

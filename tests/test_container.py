@@ -21,19 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlcompress import codecs, container
-from mlcompress.container import (
-    ALIGN,
-    MAGIC,
-    MAX_HEADER_BYTES,
-    PREAMBLE,
-    VERSION,
-    decode_header,
-    encode_header,
-    open_mrc,
-    write_mrc,
-)
+from mlcompress.container import open_mrc, write_mrc
+from mlcompress.format.header import ALIGN, MAGIC, MAX_HEADER_BYTES, PREAMBLE, VERSION, decode_header, encode_header
 from mlcompress.errors import InputError, MrcFormatError
-from mlcompress.summary import summarize
+from mlcompress.inspection import summarize
 
 # Incompressible (the header is zlib-compressed), so emptying it frees ~250 stored bytes.
 SLACK = "".join(f"{(i * 2654435761 + 12345) % 2**32:08x}" for i in range(64))
@@ -616,7 +607,7 @@ def test_interrupted_file_write_leaves_destination_untouched(tmp_path, monkeypat
         seen_partial.append(1)
         return _FailingFile(f, 1000, exc)
 
-    monkeypatch.setattr(container, "open", failing_open, raising=False)
+    monkeypatch.setattr(container.writer, "open", failing_open, raising=False)
     with pytest.raises(type(exc)):
         write_reference(dest) if not force else write_mrc(
             dest, reference_tensors(), lambda n, t: (PLAN[n], {}), {"slack": SLACK}, force=True)
@@ -650,15 +641,16 @@ def test_interrupted_encode_leaves_destination_untouched(tmp_path, monkeypatch, 
     assert _leftovers(tmp_path) == []
 
 
-def test_interrupt_from_progress_callback(tmp_path):
+def test_interrupt_while_encoding(tmp_path):
     dest = tmp_path / "model.mrc"
 
-    def progress(name):
+    def plan(name, tensor):
         if name == "emb":
             raise KeyboardInterrupt
+        return PLAN[name], {}
 
     with pytest.raises(KeyboardInterrupt):
-        write_mrc(dest, reference_tensors(), lambda n, t: (PLAN[n], {}), {}, progress=progress)
+        write_mrc(dest, reference_tensors(), plan, {})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,7 +10,7 @@ import torch
 from diverge_threads import one_thread  # noqa: E402,F401  (autouse fixture)
 from mlcompress.checkpoint import save_checkpoint
 from mlcompress.cli import main
-from mlcompress.diverge.compare import DivergeOptions, diverge
+from mlcompress.divergence.compare import DivergeOptions, diverge
 from mlcompress.tasks import evaluate_model, get_task, train_task_model
 
 

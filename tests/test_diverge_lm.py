@@ -18,8 +18,8 @@ from diverge_threads import one_thread  # noqa: E402,F401  (autouse fixture)
 from mlcompress.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from mlcompress.cli import main  # noqa: E402
 from mlcompress.container import write_mrc  # noqa: E402
-from mlcompress.diverge.compare import DivergeOptions, diverge  # noqa: E402
-from mlcompress.diverge.data import Document, windows  # noqa: E402
+from mlcompress.divergence.compare import DivergeOptions, diverge  # noqa: E402
+from mlcompress.divergence.data import Document, windows  # noqa: E402
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven small cats sleep under one warm red blanket".split()
 
@@ -295,7 +295,7 @@ def test_context_limits_stride_and_explicit_tokenizer(lm, capsys):
     assert code == 2 and "maximum context of 64" in capsys.readouterr().err  # n_positions = 64
     code, out, err = _cli(capsys, lm["ref"], lm["noise"][0.05], "--data", lm["data"], "--stride", "40")
     assert code == 2 and "--stride" in err
-    from mlcompress.diverge.models import load_tokenizer
+    from mlcompress.divergence.models import load_tokenizer
 
     tok = load_tokenizer(lm["ref"])
     lengths = [len(tok.encode(json.loads(line)["text"])) for line in lm["data"].read_text().splitlines()]

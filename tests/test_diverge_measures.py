@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlcompress.diverge.measures import log_normaliser, token_measures
-from mlcompress.diverge.stats import binomial_rate, perplexity, summarize
+from mlcompress.divergence.measures import log_normaliser, token_measures
+from mlcompress.divergence.stats import binomial_rate, perplexity, summarize
 from mlcompress.errors import InputError
 
 

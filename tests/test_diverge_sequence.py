@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mlcompress.cli import main
-from mlcompress.diverge.compare import DivergeOptions, diverge
+from mlcompress.divergence.compare import DivergeOptions, diverge
 
 BOS = 2
 ZERO = -1.0e4  # a finite logit whose probability is exactly 0 in float64 (exp underflows)

@@ -1,4 +1,4 @@
-"""The entropy stream (mlcompress.entropy): exact round trips and strict validation of damage."""
+"""The entropy stream (mlcompress.codecs.entropy): exact round trips and strict validation of damage."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from mlcompress import entropy
+from mlcompress.codecs import entropy
 from mlcompress.errors import MrcFormatError
 
 

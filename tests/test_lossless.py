@@ -14,7 +14,8 @@ from bitexact import assert_bit_exact, bit_pattern
 
 from mlcompress import codecs
 from mlcompress.codecs.lossless import FIELDS
-from mlcompress.container import TensorRecord, dtype_name, open_mrc, write_mrc
+from mlcompress.container import TensorRecord, open_mrc, write_mrc
+from mlcompress.format.dtypes import dtype_name
 from mlcompress.errors import MrcFormatError
 
 CODEC = codecs.get("lossless")
@@ -219,7 +220,7 @@ def test_check_rejects_malformed_params(params):
 def test_decode_rejects_plane_value_outside_its_field():
     # An ANS plane whose symbols exceed the field width (a crafted stream with a valid CRC) must
     # not silently set bits of a neighbouring field.
-    from mlcompress import entropy
+    from mlcompress.codecs import entropy
 
     t = torch.zeros(8, dtype=torch.float16)
     exp_plane = entropy.encode_symbols(np.array([0, 40, 0, 0, 0, 0, 0, 0]))  # 40 > 5-bit field
@@ -244,7 +245,7 @@ def test_decode_rejects_raw_plane_value_outside_its_field():
 
 @pytest.mark.parametrize("mode", ["raw", "ans"])
 def test_decode_rejects_bool_bytes_other_than_0_and_1(mode):
-    from mlcompress import entropy
+    from mlcompress.codecs import entropy
 
     t = torch.zeros(300, dtype=torch.bool)
     values = np.zeros(300, dtype=np.uint8)
@@ -262,7 +263,7 @@ def test_every_plane_mode_combination_decodes(dtype):
     # (whole bytes, fields straddling bytes, multi-range fields).
     t = random_tensor(dtype, (2000,), seed=7)
     payload, params = CODEC.encode(t, {})
-    from mlcompress import entropy
+    from mlcompress.codecs import entropy
     from mlcompress.codecs.lossless import _bits, _extract, _raw_dtype
 
     u = _bits(t, dtype_name(dtype))

@@ -8,7 +8,7 @@ import torch
 from mlcompress.errors import CodecError
 from mlcompress.posterior.datafree import datafree_posterior
 from mlcompress.posterior.meankl import NATS_PER_BIT, kl_gaussian
-from mlcompress.rec.layout import BlockLayout
+from mlcompress.codecs.rec.layout import BlockLayout
 
 
 def _blocks(layout: BlockLayout, values: torch.Tensor) -> torch.Tensor:

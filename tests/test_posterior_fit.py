@@ -23,7 +23,7 @@ from mlcompress.posterior.fit import (
 from mlcompress.posterior.meankl import NATS_PER_BIT
 from mlcompress.posterior.segments import segment_softmax, segment_sum
 from mlcompress.posterior.variational import VariationalModel, default_coded_names
-from mlcompress.rec.layout import BlockLayout
+from mlcompress.codecs.rec.layout import BlockLayout
 from mlcompress.tasks import TensorTask, get_task, train_task_model
 
 CPU = torch.device("cpu")
@@ -164,8 +164,8 @@ def test_fit_is_deterministic_and_resume_matches_an_uninterrupted_run(digits, di
     for (name, x), (_, y) in zip(whole.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(x, y), name
     # Interrupt at step 13 (mid-epoch: 1437 examples in batches of 400), then resume to 30.
-    def interrupt(status):
-        if status.step == 13:
+    def interrupt(update):
+        if update.done == 13:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -202,7 +202,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_state(digits,
 
 def test_kl_margin_trains_below_the_coding_bits(digits, digits_init, tmp_path):
     from mlcompress.container import open_mrc
-    from mlcompress.rec.compress import RecOptions, encode_rec
+    from mlcompress.options import Rec as RecOptions
+    from mlcompress.rec.compress import encode_rec
 
     plain = fit_posterior(digits, digits_init, _config(steps=5), device="cpu")
     result = fit_posterior(digits, digits_init, _config(steps=5, kl_margin=1.5), device="cpu")
@@ -225,7 +226,7 @@ def test_kl_margin_trains_below_the_coding_bits(digits, digits_init, tmp_path):
 def test_bad_inputs_are_clear_errors(digits, digits_init):
     with pytest.raises(InputError, match="less than one weight"):
         build_variational(digits, digits_init, _config(bits_per_weight=16), CPU)
-    with pytest.raises(InputError, match="bits-per-block"):
+    with pytest.raises(UsageError, match="bits-per-block"):
         build_variational(digits, digits_init, _config(bits_per_block=30), CPU)
     with pytest.raises(InputError, match="no Linear or convolution weight has 1000000"):
         build_variational(digits, digits_init, _config(min_rec_numel=10**6), CPU)
@@ -242,10 +243,10 @@ def test_bad_inputs_are_clear_errors(digits, digits_init):
 
 
 def test_fit_encode_decode_eval_keeps_accuracy_at_one_bit_per_weight(digits, digits_init, tmp_path):
-    from mlcompress.decode import decode_file
+    from mlcompress.api import decode_file
     from mlcompress.rec.compress import encode_rec
     from mlcompress.tasks import evaluate_model, load_task_model
-    from mlcompress.tasks.evaluation import evaluate_file
+    from mlcompress.posterior.evaluation import evaluate_file
 
     base = evaluate_model(digits, load_task_model(digits, digits_init), device="cpu").metric
     config = _config(steps=800, lr=2e-2)

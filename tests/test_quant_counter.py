@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlcompress import entropy
+from mlcompress.codecs import entropy
 from mlcompress.errors import UsageError
-from mlcompress.quant import counter, l2
+from mlcompress.codecs.quant import l2
+from mlcompress.quant import counter
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from mlcompress import codecs
 from mlcompress.codecs.quant import decode_levels, encode_levels
 from mlcompress.container import EncodedTensor, TensorRecord, encode_tensor, open_mrc, write_encoded
 from mlcompress.errors import MrcFormatError, UsageError
-from mlcompress.quant import uniform
+from mlcompress.codecs.quant import uniform
 from mlcompress.quant.counter import hard_entropy_bits
 
 
@@ -105,7 +105,7 @@ def test_quant_codec_round_trip_exact(tmp_path, options):
     for name, x in t.items():
         got = f.tensor(name)
         if options.get("scheme") == "l2":
-            from mlcompress.quant import l2
+            from mlcompress.codecs.quant import l2
 
             want = l2.dequantize_levels(l2.levels(x, options["edge"], options["step"]), options["edge"], options["step"], x.dtype)
         else:

@@ -15,7 +15,7 @@ from mlcompress.cli import main
 from mlcompress.container import open_mrc
 from mlcompress.prune import apply_masks, prune_masks
 from mlcompress.quant.plan import uniform_plan
-from mlcompress.quantize import dequantize_uniform
+from mlcompress.quant.quantize import dequantize_uniform
 from mlcompress.tasks import get_task
 
 

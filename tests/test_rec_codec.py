@@ -16,12 +16,13 @@ import torch
 from mlcompress.container import open_mrc
 from mlcompress.errors import InputError, MrcFormatError, UsageError
 from mlcompress.posterior.file import Posterior, PosteriorTensor, save_posterior
-from mlcompress.rec.compress import RecOptions, encode_rec
+from mlcompress.options import Rec as RecOptions
+from mlcompress.rec.compress import encode_rec
 from mlcompress.rec.encoder import score_coefficients, select_candidates, select_candidates_loop
-from mlcompress.rec.layout import BlockLayout
-from mlcompress.rec.payload import decode_indices, encode_indices, fixed_payload_bytes
-from mlcompress.rec.sampler import candidate_weights, candidates
-from mlcompress.summary import summarize
+from mlcompress.codecs.rec.layout import BlockLayout
+from mlcompress.codecs.rec.payload import decode_indices, encode_indices, fixed_payload_bytes
+from mlcompress.codecs.rec.sampler import candidate_weights, candidates
+from mlcompress.inspection import summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,22 +165,21 @@ def test_orc_entropy_coded_indices_save_bits(tmp_path):
     assert torch.equal(mrc.tensor("b"), torch.zeros(3))
 
 
-def test_codec_alone_through_write_mrc_and_progress(tmp_path):
+def test_rec_is_not_a_one_tensor_codec_and_progress_counts_blocks(tmp_path):
+    """REC blocks are chosen over the whole model (mlcompress.rec), so the codec alone cannot
+    encode: a plan naming it is a clear error, and nothing is written."""
     from mlcompress.container import write_mrc
+    from mlcompress.errors import CodecError
 
     model = {"w": torch.randn(20, 30, generator=torch.Generator().manual_seed(4)), "b": torch.ones(3)}
-    plan = {"w": ("rec", {"bits": 8, "bits_per_weight": 0.5, "seed": 2}), "b": ("raw", {})}
-    write_mrc(tmp_path / "one.mrc", model, plan, {})
-    mrc = open_mrc(tmp_path / "one.mrc")
-    rec = mrc.record("w")
-    assert rec.codec == "rec" and rec.params["blocks"] == 38 and rec.params["seed"] == 2
-    indices = decode_indices(mrc.payload("w"), 38, 8, "fixed")
-    assert torch.equal(mrc.tensor("w").view(torch.int32), _expected(rec, indices).view(torch.int32))
+    with pytest.raises(CodecError, match="whole model"):
+        write_mrc(tmp_path / "one.mrc", model, {"w": ("rec", {}), "b": ("raw", {})}, {})
+    assert list(tmp_path.iterdir()) == []
     seen = []
     encode_rec("m.pt", tmp_path / "p.mrc", options=RecOptions(bits_per_block=8, bits_per_weight=1.0, min_rec_numel=500),
-               tensors=_model(), progress=lambda done, total: seen.append((done, total)))
-    assert seen and seen[-1][0] == seen[-1][1] == 60 * 10 // 8 + 6000 // 8
-    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+               tensors=_model(), progress=seen.append)
+    assert seen and seen[-1].done == seen[-1].total == 60 * 10 // 8 + 6000 // 8
+    assert all(a.done <= b.done for a, b in zip(seen, seen[1:]))
 
 
 def test_index_payload_round_trips():

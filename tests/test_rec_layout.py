@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mlcompress.rec.layout import BlockLayout
+from mlcompress.codecs.rec.layout import BlockLayout
 
 
 @pytest.mark.parametrize("numel, blocks", [(1, 1), (2, 2), (7, 3), (1000, 1), (12345, 17), (40000, 608)])

@@ -14,7 +14,7 @@ import torch
 
 from mlcompress.posterior.meankl import NATS_PER_BIT, kl_gaussian, meankl_sigma
 from mlcompress.rec.encoder import score_coefficients, select_candidates
-from mlcompress.rec.sampler import candidate_weights, candidates
+from mlcompress.codecs.rec.sampler import candidate_weights, candidates
 
 D64 = torch.float64
 

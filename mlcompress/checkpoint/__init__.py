@@ -27,8 +27,8 @@ from mlcompress.checkpoint.safetensors_file import (
     write_safetensors,
 )
 from mlcompress.checkpoint.tied import restore_aliases, tied_groups
-from mlcompress.container import MAGIC as MRC_MAGIC
 from mlcompress.container import open_mrc, shared_storage_aliases
+from mlcompress.format.header import MAGIC as MRC_MAGIC
 from mlcompress.errors import CheckpointError
 
 __all__ = [
@@ -135,6 +135,10 @@ def _is_torchscript_zip(source: Path) -> bool:
     except (zipfile.BadZipFile, OSError, ValueError):  # ValueError: garbled entry names
         return False  # let torch.load report the damage
     return any("/code/" in name or name.endswith("/constants.pkl") for name in names)
+
+
+#: Suffixes :func:`save_checkpoint` writes (safetensors, or a torch state dict).
+OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def save_checkpoint(

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mlcompress.container import shared_storage_aliases
 from mlcompress.checkpoint.unreadable import unreadable
@@ -40,8 +42,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     Aliases are returned rather than applied so that a sharded model can resolve an alias whose
     canonical tensor lives in another shard.
     """
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as reader:
             metadata = reader.metadata() or {}
@@ -53,8 +53,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def write_safetensors(stored: dict[str, torch.Tensor], header: dict[str, str], path: Path) -> None:
     """Write a :func:`safetensors_payload` result to ``path`` (the caller makes it atomic)."""
-    from safetensors.torch import save_file
-
     save_file(stored, str(path), metadata=header)
 
 

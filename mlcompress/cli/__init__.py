@@ -11,46 +11,21 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Optional
-
 import click
 import typer
 
-from mlcompress import __version__
-from mlcompress.errors import MlcompressError
-
-app = typer.Typer(
-    name="mlcompress",
-    help="Compress trained PyTorch models into small .mrc files, restore them, and measure what it cost.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"mlcompress {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
-) -> None:
-    """Compress trained PyTorch models into small .mrc files, restore them, and measure what it cost."""
-
-
 # Command modules register themselves on `app` when imported; one line per command.
-from mlcompress.cli import encode as _encode  # noqa: E402,F401
-from mlcompress.cli import decode as _decode  # noqa: E402,F401
-from mlcompress.cli import inspect as _inspect  # noqa: E402,F401
-from mlcompress.cli import train as _train  # noqa: E402,F401
-from mlcompress.cli import eval as _eval  # noqa: E402,F401
-from mlcompress.cli import fit_posterior as _fit_posterior  # noqa: E402,F401
-from mlcompress.cli import diverge as _diverge  # noqa: E402,F401
-from mlcompress.cli import quantize as _quantize  # noqa: E402,F401
-from mlcompress.cli import prune as _prune  # noqa: E402,F401
+from mlcompress.cli import decode as _decode  # noqa: F401
+from mlcompress.cli import diverge as _diverge  # noqa: F401
+from mlcompress.cli import encode as _encode  # noqa: F401
+from mlcompress.cli import eval as _eval  # noqa: F401
+from mlcompress.cli import fit_posterior as _fit_posterior  # noqa: F401
+from mlcompress.cli import inspect as _inspect  # noqa: F401
+from mlcompress.cli import prune as _prune  # noqa: F401
+from mlcompress.cli import quantize as _quantize  # noqa: F401
+from mlcompress.cli import train as _train  # noqa: F401
+from mlcompress.cli.app import app
+from mlcompress.errors import MlcompressError
 
 
 def _debug_wanted(argv: list[str]) -> bool:

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mlcompress.cli import app, options
+from mlcompress import api
+from mlcompress.cli import options
+from mlcompress.cli.app import app
 from mlcompress.cli.output import Output, human_bytes
 
 
@@ -23,10 +25,10 @@ def decode(
     debug: options.Debug = False,
 ) -> None:
     """Restore the weights of a .mrc file (default: beside it, as .safetensors)."""
-    from mlcompress.decode import decode_file
-
     out = Output(json, quiet)
-    summary = decode_file(container, output, force=force, device=device)
+    report = api.decode_file(container, output, force=force, device=device)
+    summary = {**report.details, "output": str(report.path), "tensors": report.tensors,
+               "parameters": report.parameters, "seconds": report.seconds}
 
     def render(console: Console) -> None:
         console.print(

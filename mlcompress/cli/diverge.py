@@ -7,7 +7,9 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from mlcompress.cli import app, options
+from mlcompress import api
+from mlcompress.cli import options
+from mlcompress.cli.app import app
 from mlcompress.cli.output import Output
 from mlcompress.errors import GateFailed, UsageError
 
@@ -43,9 +45,8 @@ def diverge(
     debug: options.Debug = False,
 ) -> None:
     """Measure the divergence of CMP from REF: KL, JS, flips, perplexity; gate it for CI."""
-    from mlcompress.diverge.compare import DivergeOptions
-    from mlcompress.diverge.compare import diverge as run_diverge
-    from mlcompress.diverge.report import check_gates, parse_gates, render
+    # Start-up: the report helpers import torch, which --help and usage errors must not pay for.
+    from mlcompress.divergence.report import check_gates, parse_gates, render
 
     if len(models) == 2:
         ref, cmp = models
@@ -58,20 +59,20 @@ def diverge(
         )
     gates = parse_gates(fail_above or [])
     out = Output(json, quiet)
-    opts = DivergeOptions(
+    settings = dict(
         data=data, field=field, tokenizer=tokenizer, ctx=ctx, stride=stride, score=score,
         batch_size=batch_size, device=device, mode=mode, samples=samples, length=length, bos=bos,
         seed=seed, save_ref=save_ref, ref_logits=ref_logits, top_k=top_k,
         shared_vocab=shared_vocab, arch=arch, unsafe_pickle=unsafe_pickle, force=force,
         compiled=compile_,
     )
-    with out.progress("scoring", total=None) as advance:
-        result = run_diverge(ref, cmp, opts, progress=lambda n, total: advance(n))
+    with out.tracker() as progress:
+        result = api.diverge(ref, cmp, progress=progress, **settings)
     report = result.report
     if plot is not None:
         if "kl" not in result.per_token:
             raise UsageError("--plot draws per-position KL, which --mode sample/exact do not produce")
-        from mlcompress.diverge.plot import plot_kl_histogram
+        from mlcompress.divergence.plot import plot_kl_histogram
 
         plot_kl_histogram(result.per_token["kl"], plot, title=f"{report['cmp']} vs {report['ref']}", force=force)
         report["plot"] = str(plot)

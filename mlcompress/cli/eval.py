@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mlcompress.cli import app, options
+from mlcompress import api
+from mlcompress.cli import options
+from mlcompress.cli.app import app
 from mlcompress.cli.output import Output
 
 
@@ -26,13 +28,8 @@ def eval_command(
     debug: options.Debug = False,
 ) -> None:
     """Evaluate FILE on the test set of --task: loss and accuracy."""
-    from mlcompress.tasks import get_task
-    from mlcompress.tasks.evaluation import evaluate_file
-
     out = Output(json, quiet)
-    summary = evaluate_file(
-        get_task(task, data), file, samples=samples, seed=seed, device=device, unsafe_pickle=unsafe_pickle
-    )
+    summary = api.evaluate(task, file, data=data, samples=samples, seed=seed, device=device, unsafe_pickle=unsafe_pickle)
 
     def render(console: Console) -> None:
         name = summary["metric_name"]

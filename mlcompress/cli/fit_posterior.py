@@ -11,7 +11,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from mlcompress.cli import app, options
+from mlcompress import api
+from mlcompress.cli import options
+from mlcompress.cli.app import app
+from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, DEFAULT_MIN_REC_NUMEL, MAX_BITS_PER_BLOCK
 from mlcompress.cli.output import Output
 from mlcompress.errors import UsageError
 
@@ -41,13 +44,13 @@ def fit_posterior_command(
     output: options.Output = None,
     data: options.DataDir = None,
     param: Annotated[str, typer.Option("--param", help="Posterior parameterization: mean-kl (budget holds by construction) or mean-var (beta annealing).")] = "mean-kl",
-    bits_per_block: Annotated[int, typer.Option("--bits-per-block", help="KL budget of one REC block in bits, 1..24 (2^bits candidates when encoding).")] = 20,
+    bits_per_block: Annotated[int, typer.Option("--bits-per-block", help=f"KL budget of one REC block in bits, 1..{MAX_BITS_PER_BLOCK} (2^bits candidates when encoding).")] = DEFAULT_BITS_PER_BLOCK,
     kl_margin: Annotated[float, typer.Option("--kl-margin", help="Train each block to this many bits less KL than --bits-per-block, so REC has 2^margin times more candidates than exp(KL) (see docs/posterior.md).")] = 0.0,
     bits_per_weight: Annotated[float, typer.Option("--bits-per-weight", help="Budget per coded weight; sets the number of blocks.")] = 1.0,
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in total (a resumed run continues up to this).")] = 2000,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default: 3e-2 for mean-kl, 3e-3 for mean-var; see docs/posterior.md).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: the task's).")] = None,
-    min_rec_numel: Annotated[int, typer.Option("--min-rec-numel", help="Give a posterior to Linear/conv weights with at least this many weights (the encoder's rule).")] = 1024,
+    min_rec_numel: Annotated[int, typer.Option("--min-rec-numel", help="Give a posterior to Linear/conv weights with at least this many weights (the encoder's rule).")] = DEFAULT_MIN_REC_NUMEL,
     local_reparam: Annotated[bool, typer.Option("--local-reparam/--no-local-reparam", help="Local reparameterization for Linear layers.")] = True,
     beta_init: Annotated[float, typer.Option("--beta-init", help="mean-var: initial KL weight of every block.")] = 1.0,
     beta_step: Annotated[Optional[float], typer.Option("--beta-step", help="mean-var: constant annealing step (MIRACLE: 5e-5); default: auto, shrinking over the run.")] = None,
@@ -63,15 +66,11 @@ def fit_posterior_command(
     debug: options.Debug = False,
 ) -> None:
     """Train a Gaussian posterior for REC (MIRACLE) and write a posterior file for `encode`."""
-    from mlcompress.atomic import check_destination
-    from mlcompress.posterior.fit import FitConfig, fit_to_file
-    from mlcompress.tasks import get_task
+    # Start-up: FitConfig lives with the trainer, which imports torch; usage errors come first.
+    from mlcompress.posterior.fit import FitConfig
 
     if output is None:
         raise UsageError("say where to write the posterior", hint="pass -o posterior.safetensors")
-    if init is None and not resume:
-        raise UsageError("fit-posterior needs --init (a trained model of the task)", hint="train one with mlcompress train")
-    check_destination(output, force=force)
     out = Output(json, quiet)
     config = FitConfig(
         parameterization=param, bits_per_block=bits_per_block, kl_margin=kl_margin, bits_per_weight=bits_per_weight,
@@ -79,18 +78,17 @@ def fit_posterior_command(
         beta_init=beta_init, beta_step=beta_step, eval_every=eval_every,
         checkpoint_every=checkpoint_every, min_rec_numel=min_rec_numel,
     )
-    chosen = get_task(task, data)
-    ckpt = checkpoint if checkpoint is not None else output.with_name(output.name + ".ckpt")
     last_draw = [0.0]
 
     def run(progress) -> dict:
-        return fit_to_file(chosen, init, config, output, checkpoint=ckpt, resume=resume,
-                           device=device, force=force, progress=progress)
+        return api.fit_posterior(task, init, output, config=config, data=data, checkpoint=checkpoint, resume=resume,
+                                 device=device, force=force, progress=progress)
 
     if out.interactive:
         with Live(console=out.err, transient=False, auto_refresh=False) as live:
 
-            def show(status) -> None:
+            def show(update) -> None:
+                status = update.info["status"]
                 now = time.monotonic()
                 if now - last_draw[0] >= _REFRESH_S or status.step == status.steps:
                     live.update(_status_table(status), refresh=True)
@@ -99,7 +97,8 @@ def fit_posterior_command(
             summary = run(show)
     else:
 
-        def log(status) -> None:
+        def log(update) -> None:
+            status = update.info["status"]
             if eval_every and status.step % eval_every == 0 and status.test is not None:
                 out.log(
                     f"step {status.step}/{status.steps}: task loss {status.loss_avg:.4f}, KL/block "

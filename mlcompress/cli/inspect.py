@@ -9,8 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlcompress.cli import app, options
+from mlcompress import api
+from mlcompress.cli import options
+from mlcompress.cli.app import app
 from mlcompress.cli.output import Output, human_bytes
+from mlcompress.inspection import inspection_document
 
 
 def _details(row: dict) -> str:
@@ -28,10 +31,9 @@ def inspect(
     debug: options.Debug = False,
 ) -> None:
     """Show every tensor of a .mrc file: codec, shape, sizes, bits per weight, and the totals."""
-    from mlcompress.summary import summarize
-
     out = Output(json, quiet)
-    summary = summarize(container)
+    report = api.inspect(container)
+    summary = inspection_document(report)
 
     def render(console: Console) -> None:
         table = Table(title=str(container), show_footer=True)

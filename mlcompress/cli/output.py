@@ -10,10 +10,14 @@ import contextlib
 import json
 import math
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+from mlcompress.progress import Progress, Update
 
 
 def _plain(value: Any) -> Any:
@@ -52,12 +56,13 @@ class Output:
             render(self.out)
 
     @contextlib.contextmanager
-    def progress(self, description: str, total: float | None) -> Iterator[Callable[[float], None]]:
-        """A context giving ``advance(n)``; draws a bar on an interactive stderr only."""
+    def tracker(self) -> Iterator[Progress]:
+        """A receiver for the library's :class:`~mlcompress.progress.Update` s: one bar per
+        phase on an interactive stderr (rates measured over that phase alone), else nothing."""
         if not self.interactive:
-            yield lambda n=1, rate=None: None
+            yield lambda update: None
             return
-        bar = Progress(
+        bar = RichProgress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -67,16 +72,19 @@ class Output:
             console=self.err,
             transient=True,
         )
+        phases: dict[str, tuple[Any, float, float]] = {}
         with bar:
-            task = bar.add_task(description, total=total, rate="")
+            def receive(update: Update) -> None:
+                if update.phase not in phases:
+                    task = bar.add_task(update.phase, total=update.total, rate="")
+                    phases[update.phase] = (task, time.perf_counter(), update.done)
+                task, started, first = phases[update.phase]
+                elapsed = time.perf_counter() - started
+                figures = [f"{(update.done - first) / elapsed:.1f} {update.unit}/s"] if update.unit and elapsed > 0.5 else []
+                figures += [f"{k} {v:.4g}" for k, v in update.info.items() if isinstance(v, float)]
+                bar.update(task, completed=update.done, total=update.total, rate=" ".join(figures))
 
-            def advance(n: float = 1, rate: str | None = None) -> None:
-                if rate is not None:
-                    bar.update(task, advance=n, rate=rate)
-                else:
-                    bar.advance(task, n)
-
-            yield advance
+            yield receive
 
 
 def human_bytes(n: float) -> str:

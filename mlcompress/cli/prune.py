@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mlcompress.cli import app, options
+from mlcompress import api
+from mlcompress.cli import options
+from mlcompress.cli.app import app
 from mlcompress.cli.output import Output, human_bytes
 
 
@@ -32,16 +34,13 @@ def prune(
     debug: options.Debug = False,
 ) -> None:
     """Prune a checkpoint; write .mrc (entropy-coded, zeros nearly free) or .safetensors/.pt."""
-    from mlcompress.prune import prune_checkpoint
-
     out = Output(json, quiet)
-    with out.progress("fine-tuning", total=finetune_steps or None) as advance:
-        summary = prune_checkpoint(
-            model, sparsity=sparsity, method=method, scope=scope, task=task, data=data,
-            finetune_steps=finetune_steps, bits=bits, output=output, force=force,
-            unsafe_pickle=unsafe_pickle, seed=seed, device=device,
-            progress=lambda step, total, loss: advance(1, rate=f"loss {loss:.4f}"),
-        )
+    chosen = api.Prune(sparsity=sparsity, method=method, scope=scope, task=task,
+                       data=str(data) if data is not None else None, finetune_steps=finetune_steps, bits=bits,
+                       seed=seed, device=device)
+    with out.tracker() as progress:
+        summary = api.encode(model, output, method=chosen, force=force, unsafe_pickle=unsafe_pickle,
+                             progress=progress).to_json()
 
     def render(console: Console) -> None:
         console.print(

@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mlcompress.cli import app, options
+from mlcompress import api
+from mlcompress.cli import options
+from mlcompress.cli.app import app
+from mlcompress.errors import UsageError
 from mlcompress.cli.output import Output, human_bytes
 
 
@@ -36,18 +39,18 @@ def quantize(
     debug: options.Debug = False,
 ) -> None:
     """Quantize a checkpoint into a .mrc file (levels entropy-coded) and report the real size."""
-    from mlcompress.quantize import quantize_checkpoint
-
     out = Output(json, quiet)
-    with out.progress(f"quantizing ({method})", total=None) as advance:
-        summary = quantize_checkpoint(
-            model, method=method, bits=bits, symmetric=symmetric, per_channel=per_channel,
-            group_size=group_size, task=task, data=data, target_ratio=target_ratio,
-            calib_samples=calib_samples, kernel=kernel, device=device, output=output,
-            safetensors=safetensors, force=force, unsafe_pickle=unsafe_pickle, seed=seed,
-            progress=lambda phase, step, total, info: advance(
-                1, rate=f"round {info['round']} {phase} kd {info['kd']:.4f} {info['bpw']:.2f} bit/w"),
-        )
+    if method == "uniform":
+        chosen: api.Method = api.Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size,
+                                       task=task, data=str(data) if data is not None else None, device=device)
+    elif method == "l2":
+        chosen = api.L2(task=task or "", data=str(data) if data is not None else None, target_ratio=target_ratio,
+                        calib_samples=calib_samples, kernel=kernel, seed=seed, device=device)
+    else:
+        raise UsageError(f"unknown method {method!r}", hint="use one of: uniform, l2")
+    with out.tracker() as progress:
+        summary = api.encode(model, output, method=chosen, force=force, unsafe_pickle=unsafe_pickle,
+                             progress=progress, dequantized=safetensors).to_json()
 
     def render(console: Console) -> None:
         what = f"{summary['bits']}-bit uniform" if summary["method"] == "uniform" else f"L² (target {summary['target_ratio']:g}x)"

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mlcompress.cli import app, options
+from mlcompress import api
+from mlcompress.cli import options
+from mlcompress.cli.app import app
 from mlcompress.cli.output import Output
 from mlcompress.errors import UsageError
 
@@ -29,19 +31,12 @@ def train(
     debug: options.Debug = False,
 ) -> None:
     """Train a model of --task and save its weights (-o model.pt or .safetensors)."""
-    from mlcompress.tasks import get_task
-    from mlcompress.tasks.training import train_to_file
-
     if output is None:
         raise UsageError("say where to save the model", hint="pass -o model.pt")
     out = Output(json, quiet)
-    chosen = get_task(task, data)
-    with out.progress(f"training {chosen.name}", total=None) as advance:
-        summary = train_to_file(
-            chosen, output, force=force, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
-            seed=seed, device=device,
-            progress=lambda step, total, loss: advance(1, rate=f"loss {loss:.4f}"),
-        )
+    with out.tracker() as progress:
+        summary = api.train(task, output, data=data, force=force, progress=progress, epochs=epochs, steps=steps,
+                            lr=lr, batch_size=batch_size, seed=seed, device=device)
 
     def render(console: Console) -> None:
         console.print(

@@ -1,41 +1,38 @@
 """Codec registry: how one tensor becomes one payload, and back.
 
-A codec is any object with a stable ``name`` (the id written in the ``.mrc`` header) and three
-methods:
+A codec is any object with a stable ``name`` (the id written in the ``.mrc`` header) and:
 
-* ``encode(tensor, options) -> (payload: bytes, params: dict)`` -- ``params`` must be JSON-able;
-  the container stores it in the tensor's record and hands it back on decode.
 * ``check(record) -> None`` -- validate ``record.params`` against ``record.shape``/``dtype`` and
   ``record.length`` *before* any payload is read or memory allocated; raise
   :class:`~mlcompress.errors.MrcFormatError` on any inconsistency.
-* ``decode(payload, record) -> torch.Tensor`` -- a CPU tensor of exactly ``record.shape`` and
-  ``record.dtype``.
+* ``decode(payload, record, device) -> torch.Tensor`` -- a tensor of exactly ``record.shape``
+  and ``record.dtype``. ``device`` is where the work may run (only REC uses it; the bits never
+  depend on it); the result may be on the CPU, the container moves it.
+* ``encode(tensor, options) -> (payload: bytes, params: dict)`` -- for codecs that code one
+  tensor on its own; ``params`` must be JSON-able. REC has none: its blocks are chosen jointly
+  over the whole model by :mod:`mlcompress.rec`, and decoding must not import encoder code.
 
-Adding a method means adding one module here and calling :func:`register`; the container, the
-checkpoint I/O and the CLI never change. Codec names are explicit strings, never derived from
-registration order, so a file written today decodes with any later version.
+Codecs depend only on :mod:`mlcompress.format`; adding one means a module here and a
+:func:`register` call, and the container, checkpoint I/O and CLI never change. Codec names are
+explicit strings, never derived from registration order, so a file written today decodes with
+any later version. Importing this package imports neither torch nor numpy (see
+:mod:`mlcompress.lazy`): ``inspect`` validates a header with it in well under a second.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
-import torch
-
-from mlcompress.errors import MrcFormatError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mlcompress.container import TensorRecord
+from mlcompress.errors import CodecError, MrcFormatError
+from mlcompress.format.records import TensorRecord
 
 
 class Codec(Protocol):
     name: str
 
-    def encode(self, tensor: torch.Tensor, options: Mapping[str, Any]) -> tuple[bytes, dict]: ...
+    def check(self, record: TensorRecord) -> None: ...
 
-    def check(self, record: "TensorRecord") -> None: ...
-
-    def decode(self, payload: bytes, record: "TensorRecord") -> torch.Tensor: ...
+    def decode(self, payload: bytes, record: TensorRecord, device: Any) -> Any: ...
 
 
 _REGISTRY: dict[str, Codec] = {}
@@ -51,29 +48,38 @@ def register(codec: Codec) -> Codec:
 
 def get(name: str) -> Codec:
     """The codec registered as ``name``; an unknown name is a format error listing the known ones."""
-    _load_builtin()
     try:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise MrcFormatError(
-            f"unknown codec {name!r}", hint=f"this mlcompress knows: {known}; upgrade to read it"
-        ) from None
+        raise MrcFormatError(f"unknown codec {name!r}", hint=f"this mlcompress knows: {known}; upgrade to read it") from None
 
 
 def names() -> list[str]:
     """Names of every registered codec, sorted."""
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
-def _load_builtin() -> None:
-    # Imported lazily so that importing the registry does not import every codec's dependencies.
-    import importlib
+def encoder(name: str) -> Any:
+    """The codec ``name`` if it can code a tensor on its own (every codec but ``rec``)."""
+    codec = get(name)
+    if not hasattr(codec, "encode"):
+        raise CodecError(f"codec {name!r} cannot encode a tensor on its own: it codes the whole model at once",
+                         hint="use mlcompress.encode(..., method=mlcompress.Rec())")
+    return codec
 
-    for module in _BUILTIN:
-        importlib.import_module(f"mlcompress.codecs.{module}")
+
+def describe(record: TensorRecord) -> Mapping[str, Any]:
+    """The codec's own summary of a record for ``inspect`` (empty when it has none)."""
+    codec = get(record.codec)
+    return codec.describe(record) if hasattr(codec, "describe") else {}
 
 
-# Modules under mlcompress/codecs/ that register a codec when imported.
-_BUILTIN: tuple[str, ...] = ("raw", "lossless", "quant", "rec")
+# The built-in codecs register themselves; they import only mlcompress.format and each other.
+from mlcompress.codecs import lossless as _lossless  # noqa: E402
+from mlcompress.codecs import quant as _quant  # noqa: E402
+from mlcompress.codecs import raw as _raw  # noqa: E402
+from mlcompress.codecs import rec as _rec  # noqa: E402
+
+for _module in (_raw, _lossless, _quant, _rec):
+    register(_module.CODEC)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-import numpy as np
-import torch
-
-from mlcompress import entropy
-from mlcompress.codecs import register
+from mlcompress.codecs import entropy
 from mlcompress.codecs.raw import tensor_from_le_bytes, tensor_to_le_bytes
-from mlcompress.container import TensorRecord, itemsize, torch_dtype
 from mlcompress.errors import MrcFormatError
+from mlcompress.format.dtypes import dtype_name, itemsize, torch_dtype
+from mlcompress.format.records import TensorRecord
+from mlcompress.lazy import numpy as np
+from mlcompress.lazy import torch
 
 # A field is a list of (shift, width) bit ranges of the value's unsigned bit pattern, concatenated
 # from the least significant part upwards.
@@ -46,15 +45,20 @@ FIELDS: dict[str, list[Field]] = {
     "uint8": _bytes_fields(1),
     "bool": _bytes_fields(1),
 }
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_UINT = {1: "u1", 2: "u2", 4: "u4", 8: "u8"}  # numpy dtype names (native order)
 
 
 def _width(field: Field) -> int:
     return sum(w for _, w in field)
 
 
+def _raw_itemsize(field: Field) -> int:
+    """Bytes per value of a field's raw plane: 1 up to 8 bits, else 2."""
+    return 1 if _width(field) <= 8 else 2
+
+
 def _raw_dtype(field: Field) -> np.dtype:
-    return np.dtype("<u1") if _width(field) <= 8 else np.dtype("<u2")
+    return np.dtype(f"<u{_raw_itemsize(field)}")
 
 
 def _bits(tensor: torch.Tensor, dtype: str) -> np.ndarray:
@@ -86,8 +90,6 @@ class LosslessCodec:
     name = "lossless"
 
     def encode(self, tensor: torch.Tensor, options: Mapping[str, Any]) -> tuple[bytes, dict]:
-        from mlcompress.container import dtype_name
-
         dtype = dtype_name(tensor.dtype)
         u = _bits(tensor, dtype)
         blobs, planes = [], []
@@ -117,13 +119,13 @@ class LosslessCodec:
             length = plane["length"]
             if not isinstance(length, int) or isinstance(length, bool) or length < 0:
                 raise MrcFormatError(f"lossless tensor {record.name!r} has an invalid plane length")
-            if plane["mode"] == "raw" and length != record.numel * _raw_dtype(field).itemsize:
+            if plane["mode"] == "raw" and length != record.numel * _raw_itemsize(field):
                 raise MrcFormatError(f"lossless tensor {record.name!r}: raw plane size does not match its shape")
             total += length
         if total != record.length:
             raise MrcFormatError(f"lossless tensor {record.name!r}: plane lengths do not add up to the payload")
 
-    def decode(self, payload: bytes, record: TensorRecord) -> torch.Tensor:
+    def decode(self, payload: bytes, record: TensorRecord, device: Any = "cpu") -> torch.Tensor:
         # Decode speed matters (it runs on every load), so the field values are put back with
         # as few whole-tensor passes as possible: an 8-bit field that is a whole byte is copied
         # straight into that byte; other raw fields are shifted into place in the element's
@@ -178,4 +180,4 @@ def _or_placed(u: np.ndarray, values: np.ndarray, field: Field) -> None:
         acc += width
 
 
-register(LosslessCodec())
+CODEC = LosslessCodec()

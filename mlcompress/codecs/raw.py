@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-import numpy as np
-import torch
-
-from mlcompress.codecs import register
-from mlcompress.container import TensorRecord, itemsize, torch_dtype
 from mlcompress.errors import MrcFormatError
+from mlcompress.format.dtypes import itemsize, torch_dtype
+from mlcompress.format.records import TensorRecord
+from mlcompress.lazy import numpy as np
+from mlcompress.lazy import torch
 
 
 def tensor_to_le_bytes(tensor: torch.Tensor) -> bytes:
@@ -47,11 +46,11 @@ class RawCodec:
                 f"raw tensor {record.name!r}: payload has {record.length} bytes, shape needs {record.nbytes}"
             )
 
-    def decode(self, payload: bytes, record: TensorRecord) -> torch.Tensor:
+    def decode(self, payload: bytes, record: TensorRecord, device: Any = "cpu") -> torch.Tensor:
         # A bool byte other than 0/1 would give a tensor whose values torch treats inconsistently.
         if record.dtype == "bool" and payload and int(np.frombuffer(payload, dtype=np.uint8).max()) > 1:
             raise MrcFormatError(f"raw tensor {record.name!r}: bool bytes must be 0 or 1")
         return tensor_from_le_bytes(payload, record.dtype, record.shape)
 
 
-register(RawCodec())
+CODEC = RawCodec()

@@ -35,7 +35,7 @@ import torch
 from mlcompress.errors import CodecError
 from mlcompress.posterior.lambertw import lambertw
 from mlcompress.posterior.meankl import NATS_PER_BIT, kl_gaussian, meankl_sigma
-from mlcompress.rec.layout import BlockLayout
+from mlcompress.codecs.rec.layout import BlockLayout
 
 __all__ = ["datafree_posterior", "default_prior_std"]
 

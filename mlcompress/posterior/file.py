@@ -17,7 +17,7 @@ Metadata (safetensors' string map):
 * ``format`` = ``mlcompress.posterior``, ``version`` = ``1``;
 * ``bits_per_block`` -- integer in [1, 24]: the REC budget of one block;
 * ``layout_seed`` -- integer in [0, 2^64): seed of every coded tensor's
-  :class:`~mlcompress.rec.layout.BlockLayout`;
+  :class:`~mlcompress.codecs.rec.layout.BlockLayout`;
 * ``blocks`` -- JSON object ``{name: num_blocks}`` of the coded tensors, in coding order;
 * ``fixed`` -- JSON list of the names stored as ``.value``, in checkpoint order;
 * ``parameterization`` -- how the posterior was made (``mean-kl``, ``mean-var``, ``data-free``);
@@ -37,15 +37,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mlcompress.atomic import atomic_output
+from mlcompress.codecs.rec.limits import MAX_BITS_PER_BLOCK, MIN_BITS_PER_BLOCK
 from mlcompress.errors import InputError
 
 __all__ = [
     "FORMAT",
     "VERSION",
-    "MIN_BITS_PER_BLOCK",
-    "MAX_BITS_PER_BLOCK",
     "PosteriorTensor",
     "Posterior",
     "save_posterior",
@@ -55,9 +56,6 @@ __all__ = [
 
 FORMAT = "mlcompress.posterior"
 VERSION = 1
-#: Supported REC block budgets: at 24 bits a block scores 16.7 M candidates.
-MIN_BITS_PER_BLOCK = 1
-MAX_BITS_PER_BLOCK = 24
 _SUFFIXES = (".mean", ".std", ".prior_mean", ".prior_std")
 
 
@@ -120,8 +118,6 @@ def _check_int(value: Any, key: str, lo: int, hi: int, where: str) -> None:
 
 def save_posterior(posterior: Posterior, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Validate and write ``posterior`` to ``path`` (atomically; refuses to overwrite unless ``force``)."""
-    from safetensors.torch import save_file
-
     posterior.validate()
     stored: dict[str, torch.Tensor] = {}
     for name, t in posterior.tensors.items():
@@ -150,8 +146,6 @@ def save_posterior(posterior: Posterior, path: str | os.PathLike, *, force: bool
 
 def is_posterior_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a safetensors file whose metadata names the posterior format."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as reader:
             return (reader.metadata() or {}).get("format") == FORMAT
@@ -161,8 +155,6 @@ def is_posterior_file(path: str | os.PathLike) -> bool:
 
 def load_posterior(path: str | os.PathLike) -> Posterior:
     """Read and fully validate a posterior file; any problem is one :class:`InputError`."""
-    from safetensors import safe_open
-
     path = Path(path)
     where = str(path)
     if not path.is_file():

@@ -24,12 +24,14 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from mlcompress.atomic import atomic_output
+from mlcompress.atomic import atomic_output, check_destination
+from mlcompress.checkpoint import load_checkpoint
 from mlcompress.device import resolve_device
 from mlcompress.errors import InputError, MlcompressError, UsageError
 from mlcompress.posterior.file import Posterior, PosteriorTensor, save_posterior
 from mlcompress.posterior.meankl import NATS_PER_BIT
-from mlcompress.rec.compress import DEFAULT_MIN_REC_NUMEL
+from mlcompress.progress import Progress, report
+from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, DEFAULT_MIN_REC_NUMEL
 from mlcompress.posterior.parameterization import MEAN_KL, MEAN_VAR, PARAMETERIZATIONS
 from mlcompress.posterior.training_layout import TrainingLayout, training_layout
 from mlcompress.posterior.variational import VariationalModel, default_coded_names
@@ -53,12 +55,12 @@ class TrainingDiverged(MlcompressError):
     """The loss or a gradient became NaN/Inf; the last good state was kept."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitConfig:
     """Everything that determines a fit; stored in checkpoints so ``--resume`` can check it."""
 
     parameterization: str = MEAN_KL
-    bits_per_block: int = 20
+    bits_per_block: int = DEFAULT_BITS_PER_BLOCK
     kl_margin: float = 0.0  # bits: each block's KL budget is bits_per_block - kl_margin
     bits_per_weight: float = 1.0
     steps: int = 2000
@@ -78,8 +80,10 @@ class FitConfig:
     min_rec_numel: int = DEFAULT_MIN_REC_NUMEL  # default rule: Linear/conv weights this large
 
     def __post_init__(self) -> None:
+        # Frozen, but the default learning rate follows the parameterization: resolve it once here
+        # (the caller's object is this one; nothing changes it afterwards).
         if self.lr is None:
-            self.lr = DEFAULT_LR.get(self.parameterization, DEFAULT_LR[MEAN_VAR])
+            object.__setattr__(self, "lr", DEFAULT_LR.get(self.parameterization, DEFAULT_LR[MEAN_VAR]))
 
     def beta_step_at(self, step: int) -> float:
         """The annealing step size after ``step`` steps (0-based).
@@ -275,7 +279,7 @@ def fit_posterior(
     device: str | torch.device = "auto",
     checkpoint: Path | None = None,
     resume: bool = False,
-    progress: Callable[[FitStatus], None] | None = None,
+    progress: Progress | None = None,
 ) -> FitResult:
     """Train a posterior for ``task`` starting from ``init`` (a state dict of the task's model).
 
@@ -381,13 +385,14 @@ def fit_posterior(
             save(step, nxt_state, nxt_index)
         if progress is not None:
             beta = getattr(model.q, "beta", None)
-            progress(FitStatus(
+            status = FitStatus(
                 step=step, steps=config.steps, loss=value, loss_avg=sum(recent) / len(recent),
                 kl_bits_min=float(kl_bits.min()), kl_bits_mean=float(kl_bits.mean()),
                 kl_bits_max=float(kl_bits.max()), budget_bits=budget_bits, blocks=layout.num_blocks,
                 beta_mean=float(beta.mean()) if beta is not None else None, test=test,
                 seconds=time.perf_counter() - started,
-            ))
+            )
+            report(progress, "fit", step, config.steps, "steps", status=status)
     model.eval()
     return FitResult(model=model, layout=layout, config=config, steps=step,
                      seconds=time.perf_counter() - started, history=history, test=test)
@@ -463,13 +468,13 @@ def fit_to_file(
     resume: bool = False,
     device: str | torch.device = "auto",
     force: bool = False,
-    progress: Callable[[FitStatus], None] | None = None,
+    progress: Progress | None = None,
     unsafe_pickle: bool = False,
 ) -> dict[str, Any]:
-    """``fit-posterior`` end to end: read ``init``, fit, write the posterior file; a summary."""
-    from mlcompress.atomic import check_destination
-    from mlcompress.checkpoint import load_checkpoint
+    """``fit-posterior`` end to end: read ``init``, fit, write the posterior file; a summary.
 
+    ``progress`` receives ``Update("fit", step, steps, info={"status": FitStatus})``.
+    """
     check_destination(output, force=force)
     state = load_checkpoint(init, unsafe_pickle=unsafe_pickle) if init is not None and not resume else None
     result = fit_posterior(task, state, config, device=device, checkpoint=checkpoint, resume=resume,

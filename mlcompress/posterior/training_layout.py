@@ -1,6 +1,6 @@
 """The REC block layout seen from training: one block id per coded weight, and each block's budget.
 
-The encoder splits every coded tensor into blocks with :class:`mlcompress.rec.layout.BlockLayout`
+The encoder splits every coded tensor into blocks with :class:`mlcompress.codecs.rec.layout.BlockLayout`
 (a keyed bijection from block slots to weights, reproducible from ``numel``, ``num_blocks`` and
 ``seed``). Training must control the KL of exactly those blocks, so this module evaluates the
 same layouts and flattens them into the ``block_of`` vector the variational model reduces over.
@@ -21,9 +21,8 @@ import torch
 
 from mlcompress.errors import InputError
 from mlcompress.posterior.meankl import NATS_PER_BIT
-from mlcompress.posterior.file import MAX_BITS_PER_BLOCK, MIN_BITS_PER_BLOCK
-from mlcompress.rec.compress import blocks_for_budget
-from mlcompress.rec.layout import BlockLayout
+from mlcompress.codecs.rec.limits import blocks_for_budget, check_bits_per_block
+from mlcompress.codecs.rec.layout import BlockLayout
 
 
 @dataclass
@@ -60,10 +59,7 @@ def training_layout(
     candidates: a margin gives importance sampling ``2^margin`` times more candidates than
     ``exp(KL)``, which makes the coded sample a closer draw from the posterior (docs/posterior.md).
     """
-    if not (isinstance(bits_per_block, int) and MIN_BITS_PER_BLOCK <= bits_per_block <= MAX_BITS_PER_BLOCK):
-        raise InputError(
-            f"--bits-per-block must be an integer in [{MIN_BITS_PER_BLOCK}, {MAX_BITS_PER_BLOCK}], got {bits_per_block}"
-        )
+    check_bits_per_block(bits_per_block)
     if not (0 <= kl_margin < bits_per_block):
         raise InputError(
             f"--kl-margin must be at least 0 and below --bits-per-block ({bits_per_block}), got {kl_margin:g}",

@@ -33,7 +33,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
-from mlcompress.rec.compress import DEFAULT_MIN_REC_NUMEL, is_rec_candidate
+from mlcompress.codecs.rec.limits import DEFAULT_MIN_REC_NUMEL, is_rec_candidate
 from mlcompress.posterior.parameterization import (
     MEAN_KL,
     MEAN_VAR,

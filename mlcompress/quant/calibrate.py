@@ -39,18 +39,18 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from mlcompress.errors import InputError, UsageError
-from mlcompress.quant import counter, l2
+from mlcompress.progress import Progress, report
+from mlcompress.codecs.quant import l2
+from mlcompress.quant import counter
 from mlcompress.quant.plan import FileSize, Plan, quantizable_names, write_plan
 
-# progress(phase, step, total_steps, info)
 #: Floor of the level budget while frequency tables alone still exceed the target.
 MIN_BUDGET_BPW = 0.02
 #: The rate weight stays within these bounds so an unreachable budget cannot blow up the loss.
 LAMBDA_MIN, LAMBDA_MAX = 1e-4, 1e3
-Progress = Callable[[str, int, int, dict], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class L2Config:
     """Hyper-parameters of the L² loop (defaults scaled for small CPU models; see docs/quantize.md)."""
 
@@ -244,7 +244,7 @@ def l2_compress(
                 if step % config.remeasure_every == 0:
                     budget_bpw, size = budget()
                     history.append({"round": rnd + 1, "phase": phase, "step": step, "file_bytes": size.file_bytes,
-                                    "ratio": size.ratio, "budget_bpw": budget_bpw, "lambda": lam})
+                                    "ratio": size.fp32_ratio, "budget_bpw": budget_bpw, "lambda": lam})
                 idx = torch.randint(len(calib), (config.batch_size,), generator=generator).to(dev)
                 kd, bpw = forward(idx)
                 loss = kd + lam * bpw
@@ -259,9 +259,8 @@ def l2_compress(
                     # undershooting the budget by the same factor move lambda alike.
                     gap = math.log(max(float(bpw.detach()), 1e-6) / budget_bpw)
                     lam = min(max(lam * math.exp(config.lambda_gain * max(-1.0, min(1.0, gap))), LAMBDA_MIN), LAMBDA_MAX)
-                if progress is not None:
-                    progress(phase, step + 1, steps, {"round": rnd + 1, "kd": float(kd.detach()),
-                                                      "bpw": float(bpw.detach()), "budget_bpw": budget_bpw})
+                report(progress, phase, step + 1, steps, "steps", round=rnd + 1, kd=float(kd.detach()),
+                       bpw=float(bpw.detach()), budget_bpw=budget_bpw)
     for p in student.parameters():
         p.requires_grad_(False)
 

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 
 import torch
 
-from mlcompress.container import encode_tensor, open_mrc, write_encoded
+from mlcompress.assembly import smallest_lossless
+from mlcompress.container import encode_entries, encode_tensor, open_mrc, write_encoded
 
 MIN_QUANT_NUMEL = 64
 Plan = dict[str, tuple[str, dict[str, Any]]]
@@ -51,14 +52,9 @@ def uniform_plan(
             for name, t in tensors.items()}
 
 
-def fp32_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """The reference size for ratios: every element at 4 bytes, as the issue defines it."""
-    return 4 * sum(t.numel() for t in tensors.values())
-
-
 @dataclass
 class FileSize:
-    """Measured cost of an encoded model."""
+    """Measured cost of an encoded model (tied tensors counted once, as everywhere)."""
 
     file_bytes: int
     fp32_bytes: int
@@ -68,7 +64,8 @@ class FileSize:
     total_params: int
 
     @property
-    def ratio(self) -> float:
+    def fp32_ratio(self) -> float:
+        """fp32 bytes over file bytes: the figure ``--target-ratio`` aims at."""
         return self.fp32_bytes / self.file_bytes
 
     @property
@@ -81,10 +78,8 @@ class FileSize:
         return 8 * self.file_bytes / max(self.total_params, 1)
 
     def as_dict(self) -> dict[str, Any]:
+        """The method-specific figures (sizes and ratios come from the file's :class:`Report`)."""
         return {
-            "file_bytes": self.file_bytes,
-            "fp32_bytes": self.fp32_bytes,
-            "ratio": self.ratio,
             "bits_per_quantized_weight": self.bits_per_quantized_weight,
             "file_bits_per_param": self.file_bits_per_param,
             "quantized_params": self.quantized_params,
@@ -105,9 +100,6 @@ def write_plan(
     Tensors planned as ``lossless`` are stored by ``lossless`` or, when that is not smaller (tiny
     biases), ``raw`` -- the same rule as ``mlcompress encode --lossless``.
     """
-    from mlcompress.container import encode_entries
-    from mlcompress.encode import smallest_lossless
-
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     if path is None:
         with tempfile.TemporaryDirectory(prefix="mlcompress-size-") as tmp:
@@ -120,10 +112,10 @@ def write_plan(
         return encode_tensor(name, tensor, codec, options)
 
     write_encoded(path, encode_entries(tensors, encode_one), metadata, force=force)
-    return measure_file(path, tensors)
+    return measure_file(path)
 
 
-def measure_file(path: str | os.PathLike, reference: Mapping[str, torch.Tensor] | None = None) -> FileSize:
+def measure_file(path: str | os.PathLike) -> FileSize:
     """Sizes read back from a written ``.mrc``'s header (payload lengths per codec)."""
     f = open_mrc(path)
     q_params = q_bytes = other = total = 0
@@ -136,5 +128,4 @@ def measure_file(path: str | os.PathLike, reference: Mapping[str, torch.Tensor] 
             q_bytes += rec.length
         else:
             other += rec.length
-    fp32 = fp32_bytes(reference) if reference is not None else 4 * total
-    return FileSize(f.file_size, fp32, q_params, q_bytes, other, total)
+    return FileSize(f.file_size, 4 * total, q_params, q_bytes, other, total)

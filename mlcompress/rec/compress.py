@@ -16,90 +16,36 @@ This is the library behind ``mlcompress encode --bits-per-block``. It
 
 from __future__ import annotations
 
-import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from mlcompress.assembly import base_metadata, default_output, smallest_lossless
+from mlcompress.atomic import check_destination
+from mlcompress.checkpoint import load_checkpoint
+from mlcompress.codecs.rec.counter import fmix32_int
+from mlcompress.codecs.rec.layout import BlockLayout
+from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_BLOCK, MAX_BLOCK_WEIGHTS, blocks_for_budget,
+                                          is_rec_candidate)
+from mlcompress.codecs.rec.payload import encode_indices
+from mlcompress.container import Alias, EncodedTensor, file_size, open_mrc, shared_storage_aliases, write_encoded
+from mlcompress.device import resolve_device
 from mlcompress.errors import CodecError, InputError, UsageError
-from mlcompress.posterior.file import MAX_BITS_PER_BLOCK, MIN_BITS_PER_BLOCK, Posterior
+from mlcompress.format.dtypes import dtype_name
+from mlcompress.options import Rec
+from mlcompress.posterior.datafree import datafree_posterior
+from mlcompress.posterior.file import Posterior, is_posterior_file, load_posterior
 from mlcompress.posterior.meankl import NATS_PER_BIT, kl_gaussian
-from mlcompress.rec.encoder import SELECTIONS, score_coefficients, select_candidates
-from mlcompress.rec.layout import BlockLayout
-from mlcompress.rec.payload import encode_indices
+from mlcompress.progress import Progress, report
+from mlcompress.rec.encoder import score_coefficients, select_candidates
+from mlcompress.report import Report
 
-__all__ = [
-    "RecOptions",
-    "RecItem",
-    "MAX_BLOCK_WEIGHTS",
-    "DEFAULT_BITS_PER_BLOCK",
-    "DEFAULT_BITS_PER_WEIGHT",
-    "DEFAULT_MIN_REC_NUMEL",
-    "rec_params",
-    "coefficient_matrix",
-    "encode_items",
-    "blocks_for_budget",
-    "encode_rec",
-    "parse_size",
-]
-
-#: Cap on weights per block: bounds the encoder's work per candidate and the decoder's per block.
-MAX_BLOCK_WEIGHTS = 1 << 16
-DEFAULT_BITS_PER_BLOCK = 16
-DEFAULT_BITS_PER_WEIGHT = 2.0
-DEFAULT_MIN_REC_NUMEL = 1024
-INDEX_CODINGS = ("auto", "fixed", "entropy")
-
-Progress = Callable[[float, int], None]
-
-
-@dataclass
-class RecOptions:
-    """Everything ``encode --bits-per-block`` decides. Budgets: give at most one of
-    ``bits_per_weight``, ``kl_budget_bits`` (total over REC tensors) and ``target_size`` (bytes of
-    the whole file); with none, ``DEFAULT_BITS_PER_WEIGHT`` applies. Ignored for posterior files,
-    whose block counts are fixed by the fit."""
-
-    bits_per_block: int | None = None  # None: the posterior file's, else DEFAULT_BITS_PER_BLOCK
-    bits_per_weight: float | None = None
-    kl_budget_bits: float | None = None
-    target_size: int | None = None
-    selection: str = "is"
-    seed: int = 0
-    layout_seed: int | None = None  # default: derived from seed
-    index_coding: str = "auto"  # auto: entropy-coded for orc when smaller, else fixed
-    min_rec_numel: int = DEFAULT_MIN_REC_NUMEL
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.bits_per_block is not None and not (isinstance(self.bits_per_block, int) and MIN_BITS_PER_BLOCK <= self.bits_per_block <= MAX_BITS_PER_BLOCK):
-            raise UsageError(
-                f"--bits-per-block must be an integer in [{MIN_BITS_PER_BLOCK}, {MAX_BITS_PER_BLOCK}], got {self.bits_per_block}",
-                hint="each block scores 2^bits candidates; MIRACLE uses 20",
-            )
-        given = [x for x in (self.bits_per_weight, self.kl_budget_bits, self.target_size) if x is not None]
-        if len(given) > 1:
-            raise UsageError("give at most one of --bits-per-weight, --kl-budget and --target-size")
-        for value, flag in ((self.bits_per_weight, "--bits-per-weight"), (self.kl_budget_bits, "--kl-budget"), (self.target_size, "--target-size")):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise UsageError(f"{flag} must be a positive number, got {value}")
-        if self.selection not in SELECTIONS:
-            raise UsageError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        if self.index_coding not in INDEX_CODINGS:
-            raise UsageError(f"index coding must be one of {', '.join(INDEX_CODINGS)}")
-        if self.index_coding == "entropy" and self.selection != "orc":
-            raise UsageError("entropy-coded indices only pay off with --selection orc")
-        if not 0 <= self.seed < 1 << 64:
-            raise UsageError(f"--seed must be in [0, 2^64), got {self.seed}")
-        if self.min_rec_numel < 1:
-            raise UsageError(f"--min-rec-numel must be >= 1, got {self.min_rec_numel}")
-
+__all__ = ["RecItem", "rec_params", "coefficient_matrix", "encode_items", "encode_rec"]
 
 @dataclass
 class RecItem:
@@ -182,7 +128,8 @@ def encode_items(
             )
     width = max(it.layout.max_block_size for it in items)
     a, b = coefficient_matrix(items, width)
-    indices = select_candidates(a, b, bits=bits, seed=seed, selection=selection, device=device, progress=progress)
+    indices = select_candidates(a, b, bits=bits, seed=seed, selection=selection, device=device,
+                                progress=lambda done, total: report(progress, "REC blocks", done, total, "blocks"))
     results = []
     row = 0
     for it in items:
@@ -202,110 +149,65 @@ def encode_items(
     return results
 
 
-def blocks_for_budget(numel: int, bits_per_weight: float, bits_per_block: int, name: str, *, floor: bool = False) -> int:
-    """Blocks of a tensor at ``bits_per_weight``: ``round(numel * bpw / C)`` (``floor`` for a
-    size cap), at least 1; refuses budgets that would put less than one weight in a block."""
-    if bits_per_weight > bits_per_block:
-        raise InputError(
-            f"{bits_per_weight:g} bits per weight exceeds --bits-per-block {bits_per_block}: a block would hold less than one weight",
-            hint="lower the budget or raise --bits-per-block",
-        )
-    exact = numel * bits_per_weight / bits_per_block
-    count = max(1, math.floor(exact) if floor else round(exact))
-    if -(-numel // count) > MAX_BLOCK_WEIGHTS:
-        raise InputError(
-            f"{name}: {bits_per_weight:.4g} bits per weight puts {-(-numel // count)} weights in a block, above the limit of {MAX_BLOCK_WEIGHTS}",
-            hint="raise the budget or lower --bits-per-block",
-        )
-    return min(count, numel)
-
-
-def is_rec_candidate(tensor: torch.Tensor, min_numel: int) -> bool:
-    """Worth REC: a floating-point tensor of at least 2 dimensions and ``min_numel`` weights."""
-    return tensor.is_floating_point() and tensor.dim() >= 2 and tensor.numel() >= min_numel
-
-
-def _layout_seed(options: RecOptions) -> int:
+def _layout_seed(options: Rec) -> int:
     if options.layout_seed is not None:
         return options.layout_seed
-    from mlcompress.rec.counter import fmix32_int
-
     return (fmix32_int(options.seed & 0xFFFFFFFF) << 32 | fmix32_int((options.seed >> 32) ^ 0x6C617930)) % (1 << 64)
 
 
-def _dtype_name(tensor: torch.Tensor) -> str:
-    from mlcompress.container import dtype_name
-
-    return dtype_name(tensor.dtype)
-
-
-def _estimate_overhead(others: list, rec_shapes: list[tuple[str, tuple[int, ...], str]], metadata: dict) -> int:
-    """File bytes of everything but the REC payloads: write the container with empty REC
-    payloads to a scratch file and measure it (plus a margin for digits and alignment)."""
-    from mlcompress.container import EncodedTensor, write_encoded
-
-    dummy = {"bits": 24, "blocks": 2**31, "seed": 2**64 - 1, "layout_seed": 2**64 - 1, "prior_mean": -1.2345678901234567e-10,
-             "prior_std": 1.2345678901234567e-10, "selection": "greedy", "index_coding": "entropy",
-             "kl_bits_mean": 123456.1234, "kl_bits_max": 123456.1234}
-    entries = list(others) + [EncodedTensor(n, s, d, "rec", dummy, b"") for n, s, d in rec_shapes]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_encoded(Path(tmp) / "probe.mrc", entries, metadata)
-        size = path.stat().st_size
-    return size + 64 * len(rec_shapes)  # each REC payload may add up to 63 bytes of alignment
+def _overhead(others: list[EncodedTensor], rec_shapes: list[tuple[str, tuple[int, ...], str]], metadata: dict) -> int:
+    """File bytes of everything but the REC payloads, from the writer's own layout: empty REC
+    payloads with the widest params any run can produce, plus each payload's worst-case
+    alignment padding."""
+    widest = {"bits": 24, "blocks": 2**31, "seed": 2**64 - 1, "layout_seed": 2**64 - 1,
+              "prior_mean": -1.2345678901234567e-10, "prior_std": 1.2345678901234567e-10, "selection": "greedy",
+              "index_coding": "entropy", "kl_bits_mean": 123456.1234, "kl_bits_max": 123456.1234}
+    entries = list(others) + [EncodedTensor(n, s, d, "rec", widest, b"") for n, s, d in rec_shapes]
+    return file_size(entries, metadata) + 8 * len(rec_shapes)
 
 
 def encode_rec(
     src: str | os.PathLike,
     dst: str | os.PathLike | None = None,
     *,
-    options: RecOptions | None = None,
+    options: Rec | None = None,
     force: bool = False,
     unsafe_pickle: bool = False,
     progress: Progress | None = None,
     tensors: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, Any]:
+    posterior: Posterior | None = None,
+) -> Report:
     """Encode ``src`` (a checkpoint, or a posterior file) with REC into ``dst`` (default beside it).
 
-    Returns a summary (output, sizes, blocks, KL, index bits, seconds). Nothing is written unless
-    every tensor encodes. ``tensors`` skips loading a checkpoint.
+    Nothing is written unless every tensor encodes. ``tensors`` (a state dict) or ``posterior``
+    (a loaded posterior file) skip reading ``src``, which then only names the source.
+    ``options`` is never modified.
     """
-    from mlcompress.atomic import check_destination
-    from mlcompress.container import Alias, shared_storage_aliases, write_encoded
-    from mlcompress.device import resolve_device
-    from mlcompress.encode import base_metadata, default_output, smallest_lossless
-    from mlcompress.posterior.file import is_posterior_file, load_posterior
-
     start = time.perf_counter()
-    options = options or RecOptions()
+    options = options or Rec()
     options.validate()
     device = resolve_device(options.device)
     dst = Path(dst) if dst is not None else default_output(src)
     check_destination(dst, force=force)
 
-    posterior: Posterior | None = None
-    if tensors is None and Path(src).is_file() and is_posterior_file(src):
+    if posterior is None and tensors is None and Path(src).is_file() and is_posterior_file(src):
         posterior = load_posterior(src)
-        if any(x is not None for x in (options.bits_per_weight, options.kl_budget_bits, options.target_size)):
+    if posterior is not None:
+        if options.budget_given:
             raise UsageError("a posterior file fixes its own block counts; drop --bits-per-weight/--kl-budget/--target-size")
-        if options.bits_per_block is None:
-            options.bits_per_block = posterior.bits_per_block
-        if options.bits_per_block != posterior.bits_per_block:
+        if options.bits_per_block not in (None, posterior.bits_per_block):
             raise UsageError(
                 f"the posterior was fitted for {posterior.bits_per_block} bits per block, not {options.bits_per_block}",
                 hint=f"pass --bits-per-block {posterior.bits_per_block}",
             )
-    if options.bits_per_block is None:
-        options.bits_per_block = DEFAULT_BITS_PER_BLOCK
-    if posterior is None and tensors is None:
-        from mlcompress.checkpoint import load_checkpoint
+        bits = posterior.bits_per_block
+    else:
+        bits = options.bits_per_block if options.bits_per_block is not None else DEFAULT_BITS_PER_BLOCK
+        if tensors is None:
+            tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
 
-        tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
-
-    metadata = base_metadata(src, {"method": "rec", "bits_per_block": options.bits_per_block,
-                                   "selection": options.selection, "seed": options.seed})
-    bits = options.bits_per_block
-    order: list[str]
-    plain: dict[str, torch.Tensor]
+    metadata = base_metadata(src, {"method": "rec", "bits_per_block": bits, "selection": options.selection,
+                                   "seed": options.seed})
     aliases: dict[str, str] = {}
     if posterior is not None:
         order = list(posterior.tensors) + list(posterior.fixed)
@@ -327,64 +229,23 @@ def encode_rec(
         )
     others = {n: smallest_lossless(n, t) for n, t in plain.items()}
 
-    items: list[RecItem] = []
     if posterior is not None:
-        for n, pt in posterior.tensors.items():
-            layout = BlockLayout(pt.mean.numel(), pt.num_blocks, posterior.layout_seed)
-            items.append(RecItem(n, tuple(pt.mean.shape), "float32", pt.mean.reshape(-1), pt.std.reshape(-1),
-                                 pt.prior_mean, pt.prior_std, layout))
+        items = [RecItem(n, tuple(pt.mean.shape), "float32", pt.mean.reshape(-1), pt.std.reshape(-1), pt.prior_mean,
+                         pt.prior_std, BlockLayout(pt.mean.numel(), pt.num_blocks, posterior.layout_seed))
+                 for n, pt in posterior.tensors.items()]
     else:
-        from mlcompress.posterior.datafree import datafree_posterior
-
-        numels = {n: tensors[n].numel() for n in rec_names}
-        total = sum(numels.values())
-        if options.target_size is not None:
-            shapes = [(n, tuple(tensors[n].shape), _dtype_name(tensors[n])) for n in rec_names]
-            overhead = _estimate_overhead(list(others.values()), shapes, metadata)
-            room_bits = (options.target_size - overhead) * 8 - 8 * len(rec_names)
-            if room_bits < bits * len(rec_names):
-                raise InputError(
-                    f"--target-size {options.target_size} bytes cannot be met: the header and non-REC tensors alone take {overhead} bytes",
-                    hint="raise --target-size",
-                )
-            bpw, floor = room_bits / total, True
-        elif options.kl_budget_bits is not None:
-            bpw, floor = options.kl_budget_bits / total, False
-        else:
-            bpw, floor = options.bits_per_weight or DEFAULT_BITS_PER_WEIGHT, False
-        seed = _layout_seed(options)
-        for n in rec_names:
-            count = blocks_for_budget(numels[n], bpw, bits, n, floor=floor)
-            layout = BlockLayout(numels[n], count, seed)
-            mean, std, rho, kl = datafree_posterior(tensors[n], layout, bits)
-            items.append(RecItem(n, tuple(tensors[n].shape), _dtype_name(tensors[n]), mean.reshape(-1),
-                                 std.reshape(-1), 0.0, rho, layout, kl))
+        items = _datafree_items(tensors, rec_names, bits, options, list(others.values()), metadata)
 
     coded = encode_items(items, bits=bits, seed=options.seed, selection=options.selection,
                          index_coding=options.index_coding, device=device, progress=progress)
-    from mlcompress.container import EncodedTensor
-
     rec_entries = {it.name: EncodedTensor(it.name, it.shape, it.dtype, "rec", params, payload)
                    for it, (payload, params) in zip(items, coded)}
-    entries = []
-    for n in order:
-        if n in aliases:
-            entries.append(Alias(n, aliases[n]))
-        else:
-            entries.append(rec_entries.get(n) or others[n])
+    entries = [Alias(n, aliases[n]) if n in aliases else rec_entries.get(n) or others[n] for n in order]
     write_encoded(dst, entries, metadata, force=force)
-    file_bytes = dst.stat().st_size
     blocks = sum(it.layout.num_blocks for it in items)
-    fixed_bits = blocks * bits
-    index_bytes = sum(len(p) for p, _ in coded)
     kl = torch.cat([it.block_kl() for it in items]) / NATS_PER_BIT
-    original = sum(int(np.prod(e.shape)) * torch.empty(0, dtype=_torch_dtype(e.dtype)).element_size()
-                   for e in entries if not isinstance(e, Alias))
-    return {
-        "output": str(dst),
-        "method": "rec",
+    details = {
         "source": "posterior" if posterior is not None else "data-free",
-        "tensors": len(entries),
         "rec_tensors": len(items),
         "rec_weights": sum(it.layout.numel for it in items),
         "blocks": blocks,
@@ -392,31 +253,37 @@ def encode_rec(
         "selection": options.selection,
         "kl_bits_per_block_mean": float(kl.mean()),
         "kl_bits_per_block_max": float(kl.max()),
-        "index_bits_fixed": fixed_bits,
-        "index_bits_stored": 8 * index_bytes,
-        "original_bytes": original,
-        "file_bytes": file_bytes,
-        "ratio": original / file_bytes if file_bytes else 0.0,
+        "index_bits_fixed": blocks * bits,
+        "index_bits_stored": 8 * sum(len(p) for p, _ in coded),
         "device": str(device),
-        "seconds": time.perf_counter() - start,
     }
+    return Report.of(open_mrc(dst), "rec", time.perf_counter() - start, details)
 
 
-def parse_size(text: str) -> int:
-    """Bytes from ``1520``, ``1.52kB``, ``3MB`` (decimal units, as ``inspect`` prints them)."""
-    units = {"": 1, "b": 1, "kb": 1000, "k": 1000, "mb": 1000**2, "m": 1000**2, "gb": 1000**3, "g": 1000**3}
-    t = text.strip().lower().replace(" ", "")
-    number = t.rstrip("kmgb")
-    try:
-        value = float(number) * units[t[len(number):]]
-    except (ValueError, KeyError):
-        raise UsageError(f"cannot read size {text!r}", hint="use bytes or a unit: 1520, 1.52kB, 3MB") from None
-    if not (math.isfinite(value) and value >= 1):
-        raise UsageError(f"size must be at least 1 byte, got {text!r}")
-    return int(value)
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    from mlcompress.container import torch_dtype
-
-    return torch_dtype(name)
+def _datafree_items(tensors: Mapping[str, torch.Tensor], rec_names: list[str], bits: int, options: Rec,
+                    others: list[EncodedTensor], metadata: dict) -> list[RecItem]:
+    """Data-free posteriors around the weights, with block counts from the run's budget."""
+    numels = {n: tensors[n].numel() for n in rec_names}
+    total = sum(numels.values())
+    if options.target_size is not None:
+        shapes = [(n, tuple(tensors[n].shape), dtype_name(tensors[n].dtype)) for n in rec_names]
+        overhead = _overhead(others, shapes, metadata)
+        room_bits = (options.target_size - overhead) * 8
+        if room_bits < bits * len(rec_names):
+            raise InputError(
+                f"--target-size {options.target_size} bytes cannot be met: the header and non-REC tensors alone take {overhead} bytes",
+                hint="raise --target-size",
+            )
+        bpw, floor = room_bits / total, True
+    elif options.kl_budget_bits is not None:
+        bpw, floor = options.kl_budget_bits / total, False
+    else:
+        bpw, floor = options.budget_bits_per_weight, False
+    seed = _layout_seed(options)
+    items = []
+    for n in rec_names:
+        layout = BlockLayout(numels[n], blocks_for_budget(numels[n], bpw, bits, n, floor=floor), seed)
+        mean, std, rho, kl = datafree_posterior(tensors[n], layout, bits)
+        items.append(RecItem(n, tuple(tensors[n].shape), dtype_name(tensors[n].dtype), mean.reshape(-1),
+                             std.reshape(-1), 0.0, rho, layout, kl))
+    return items

@@ -27,7 +27,7 @@ Selection rules (``selection``):
   (like the candidates); each block's choice is still an exact sample of its posterior, and small
   indices are likely, so entropy-coding them saves bits.
 
-All randomness comes from :mod:`mlcompress.rec.counter`, so an encode is deterministic given the
+All randomness comes from :mod:`mlcompress.codecs.rec.counter`, so an encode is deterministic given the
 seed. The results do not depend on the chunk or group sizes (segments are fixed).
 """
 
@@ -38,8 +38,9 @@ from typing import Callable, Protocol
 
 import torch
 
-from mlcompress.rec.counter import STREAM_ARRIVALS, STREAM_SELECTION
-from mlcompress.rec.sampler import candidate_codes, normal_table, uniforms
+from mlcompress.codecs.rec.counter import STREAM_ARRIVALS, STREAM_SELECTION
+from mlcompress.codecs.rec.limits import MAX_BITS_PER_BLOCK, SELECTIONS
+from mlcompress.codecs.rec.sampler import candidate_codes, normal_table, uniforms
 
 __all__ = [
     "SELECTIONS",
@@ -49,7 +50,6 @@ __all__ = [
     "select_candidates_loop",
 ]
 
-SELECTIONS = ("is", "greedy", "orc")
 #: Candidates per selection segment (importance sampling draws, ORC arrival blocks).
 SEGMENT = 4096
 _MEMORY_BUDGET = 192 * 1024 * 1024  # bytes of per-chunk work buffers
@@ -162,8 +162,8 @@ def _check_args(a: torch.Tensor, b: torch.Tensor, bits: int, selection: str) -> 
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"a and b must be [blocks, dim] of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
-    if not 1 <= bits <= 30:
-        raise ValueError(f"bits must be in [1, 30], got {bits}")
+    if not 1 <= bits <= MAX_BITS_PER_BLOCK:
+        raise ValueError(f"bits must be in [1, {MAX_BITS_PER_BLOCK}], got {bits}")
 
 
 def _chunk_size(num_candidates: int, dim: int, group: int) -> int:

@@ -7,21 +7,23 @@ from ``torch.manual_seed(seed)`` and batches are shuffled from a generator seede
 
 from __future__ import annotations
 
+import time
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from mlcompress.atomic import check_destination
+from mlcompress.checkpoint import save_checkpoint
 from mlcompress.device import resolve_device
+from mlcompress.progress import Progress, report
 from mlcompress.errors import InputError, UsageError
 from mlcompress.tasks.evaluation import Evaluation, evaluate_model
 from mlcompress.tasks.protocol import Task
 
-# progress(step, total_steps, latest_loss)
-TrainProgress = Callable[[int, int, float], None]
 
 
 @dataclass
@@ -47,15 +49,13 @@ def train_task_model(
     batch_size: int | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
-    progress: TrainProgress | None = None,
+    progress: Progress | None = None,
 ) -> TrainResult:
     """Train a fresh model of ``task`` with Adam and cross-entropy (the task's loss).
 
     Length is ``steps`` optimiser steps or ``epochs`` passes (not both); the task's default
     number of epochs otherwise.
     """
-    import time
-
     if epochs is not None and steps is not None:
         raise UsageError("give --epochs or --steps, not both")
     if (epochs is not None and epochs <= 0) or (steps is not None and steps <= 0):
@@ -87,8 +87,7 @@ def train_task_model(
             optimizer.step()
             step += 1
             recent = (recent + [value])[-100:]
-            if progress is not None:
-                progress(step, total, value)
+            report(progress, "train", step, total, "steps", loss=value)
             if step >= total:
                 break
     seconds = time.perf_counter() - start
@@ -107,7 +106,7 @@ def train_to_file(
     output: str | Path,
     *,
     force: bool = False,
-    progress: TrainProgress | None = None,
+    progress: Progress | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train a model of ``task`` (``options`` as for :func:`train_task_model`) and save its
@@ -115,9 +114,6 @@ def train_to_file(
 
     The destination is checked before training so a bad path fails in a second, not after it.
     """
-    from mlcompress.atomic import check_destination
-    from mlcompress.checkpoint import save_checkpoint
-
     check_destination(output, force=force)
     result = train_task_model(task, progress=progress, **options)
     state = {name: tensor.detach().cpu() for name, tensor in result.model.state_dict().items()}

@@ -1,0 +1,230 @@
+"""The public Python API: one call per thing the command line does.
+
+    import mlcompress
+    report = mlcompress.encode("model.pt", method=mlcompress.Rec(bits_per_block=16))
+    weights = mlcompress.decode(report.path)
+
+Every call takes plain values and frozen option objects and returns a typed result; the CLI is a
+thin layer over these same calls. Long calls accept ``progress``, a callable receiving
+:class:`~mlcompress.progress.Update` objects.
+
+Start-up: importing this module imports neither torch nor numpy. Each call imports the method
+it runs when it runs, and checks its inputs first, so ``inspect`` (0.2 s) and the error for a
+missing file never pay the 2-3 s of ``import torch``. These function-level imports are the
+package's deliberate exception to "imports at the top" (tests/test_layering.py allows them here
+only).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from mlcompress.container import open_mrc
+from mlcompress.errors import InputError, UsageError
+from mlcompress.inspection import inspect_file
+from mlcompress.options import L2, Lossless, Method, Prune, Quant, Rec, parse_size
+from mlcompress.progress import Progress, Update
+from mlcompress.report import Report
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlcompress.divergence.compare import DivergeOptions, DivergeReport
+    from mlcompress.posterior.fit import FitConfig
+
+__all__ = ["encode", "encode_bytes", "decode", "decode_bytes", "decode_file", "inspect", "fit_posterior", "train",
+           "evaluate", "diverge", "Report", "Update", "Progress", "Method", "Rec", "Lossless", "Quant", "L2", "Prune",
+           "parse_size"]
+
+Source = str | os.PathLike | Mapping[str, Any]
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    return path
+
+
+def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method | None = None, force: bool = False,
+           unsafe_pickle: bool = False, progress: Progress | None = None,
+           dequantized: str | os.PathLike | None = None) -> Report:
+    """Compress ``src`` (a checkpoint path, a posterior file, or a dict of tensors) into ``dst``.
+
+    ``dst`` defaults to ``src`` with the suffix ``.mrc`` (required when ``src`` is a dict).
+    ``method`` is one of ``Rec()``, ``Lossless()``, ``Quant()``, ``L2()``, ``Prune()``; ``None``
+    means REC for a posterior file (what ``fit-posterior`` wrote) and is an error otherwise.
+    ``dequantized`` (``Quant``/``L2`` only) also writes the reconstructed weights there.
+    """
+    tensors = None if isinstance(src, (str, os.PathLike)) else dict(src)
+    if tensors is None:
+        src = _existing(src)
+    elif dst is None:
+        raise UsageError("encoding a dict of tensors needs dst")
+    name = src if tensors is None else Path(dst).name
+    if method is not None:
+        method.validate()
+
+    from mlcompress.posterior.file import is_posterior_file, load_posterior
+
+    posterior = load_posterior(src) if tensors is None and src.is_file() and is_posterior_file(src) else None
+    if method is None:
+        if posterior is None:
+            raise UsageError("choose how to encode",
+                             hint="pass --lossless, or REC with --bits-per-block / --bits-per-weight / --kl-budget / --target-size")
+        method = Rec()
+    if posterior is not None and not isinstance(method, Rec):
+        raise UsageError(f"{src} is a posterior file; it can only be REC-encoded", hint="drop the method flags")
+    if isinstance(method, Rec):
+        from mlcompress.rec.compress import encode_rec
+
+        return encode_rec(name, dst, options=method, force=force, unsafe_pickle=unsafe_pickle, progress=progress,
+                          tensors=tensors, posterior=posterior)
+    if isinstance(method, Lossless):
+        from mlcompress.lossless import encode_lossless
+
+        return encode_lossless(name, dst, force=force, unsafe_pickle=unsafe_pickle, progress=progress, tensors=tensors)
+    if tensors is not None:
+        raise UsageError(f"method {method.name} reads a checkpoint file; save the tensors first")
+    if dequantized is not None and not isinstance(method, (Quant, L2)):
+        raise UsageError("a dequantized copy (--safetensors) comes from quantization only")
+    if isinstance(method, (Quant, L2)):
+        from mlcompress.quant.quantize import quantize_checkpoint
+
+        if isinstance(method, Quant):
+            kwargs: dict[str, Any] = dict(method="uniform", bits=method.bits, symmetric=method.symmetric,
+                                          per_channel=method.per_channel, group_size=method.group_size,
+                                          task=method.task, data=method.data, device=method.device)
+        else:
+            kwargs = dict(method="l2", task=method.task, data=method.data, target_ratio=method.target_ratio,
+                          calib_samples=method.calib_samples, kernel=method.kernel, seed=method.seed,
+                          device=method.device)
+        return quantize_checkpoint(src, output=dst, safetensors=dequantized, force=force, unsafe_pickle=unsafe_pickle,
+                                   progress=progress, **kwargs)
+    if isinstance(method, Prune):
+        from mlcompress.prune import prune_checkpoint
+
+        return prune_checkpoint(src, sparsity=method.sparsity, method=method.method, scope=method.scope,
+                                task=method.task, data=method.data, finetune_steps=method.finetune_steps,
+                                bits=method.bits, output=dst, force=force, unsafe_pickle=unsafe_pickle,
+                                seed=method.seed, device=method.device, progress=progress)
+    raise UsageError(f"unknown method {method!r}", hint="use Rec(), Lossless(), Quant(), L2() or Prune()")
+
+
+def encode_bytes(src: Source, *, method: Method | None = None, unsafe_pickle: bool = False,
+                 progress: Progress | None = None) -> bytes:
+    """:func:`encode`, returning the ``.mrc`` file's bytes instead of writing it."""
+    with tempfile.TemporaryDirectory(prefix="mlcompress-") as tmp:
+        out = Path(tmp) / "model.mrc"
+        encode(src, out, method=method, unsafe_pickle=unsafe_pickle, progress=progress)
+        return out.read_bytes()
+
+
+def decode(source: str | os.PathLike | bytes, *, device: str = "cpu") -> dict[str, Any]:
+    """Every tensor of a ``.mrc`` file (a path or its bytes), decoded on ``device``.
+
+    Names, shapes and dtypes are the ones encoded; tied tensors come back as one tensor object.
+    The bits never depend on the device (``auto``, ``cpu`` or ``cuda``).
+    """
+    mrc = open_mrc(source if isinstance(source, (bytes, bytearray, memoryview)) else _existing(source))
+    from mlcompress.device import resolve_device
+
+    return mrc.tensors(device=resolve_device(device))
+
+
+def decode_bytes(data: bytes, *, device: str = "cpu") -> dict[str, Any]:
+    """:func:`decode` of a ``.mrc`` file held in memory."""
+    return decode(bytes(data), device=device)
+
+
+def decode_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, force: bool = False,
+                device: str = "cpu") -> Report:
+    """Decode ``src`` and save the weights to ``dst`` (default: ``src`` as ``.safetensors``).
+
+    The report's ``path`` is the written checkpoint; its sizes are those of the ``.mrc``, with
+    ``output_bytes`` among the details. Nothing is written unless every tensor decodes.
+    """
+    start = time.perf_counter()
+    mrc = open_mrc(_existing(src))
+    from mlcompress.checkpoint import OUTPUT_SUFFIXES, save_checkpoint
+    from mlcompress.atomic import check_destination
+    from mlcompress.device import resolve_device
+
+    dst = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
+    if dst.suffix not in OUTPUT_SUFFIXES:
+        raise InputError(f"cannot write {dst.name}: unknown output format", hint="use .safetensors or .pt")
+    check_destination(dst, force=force)
+    tensors = mrc.tensors(device=resolve_device(device))
+    save_checkpoint({k: v.cpu() for k, v in tensors.items()} if str(device) != "cpu" else tensors, dst, force=force)
+    details = {"input": str(src), "output_bytes": dst.stat().st_size}
+    return Report.of(mrc, mrc.metadata.get("options", {}).get("method", "?"), time.perf_counter() - start, details,
+                     path=dst)
+
+
+def inspect(path: str | os.PathLike) -> Report:
+    """What a ``.mrc`` holds: the report, with per-tensor ``rows``, ``metadata`` and
+    ``format_version`` among its details. Reads the header only; never imports torch."""
+    return inspect_file(_existing(path))
+
+
+def fit_posterior(task: str, init: str | os.PathLike | None, dst: str | os.PathLike, *,
+                  config: "FitConfig | None" = None, data: str | os.PathLike | None = None,
+                  checkpoint: str | os.PathLike | None = None, resume: bool = False, device: str = "auto",
+                  force: bool = False, unsafe_pickle: bool = False, progress: Progress | None = None,
+                  **settings: Any) -> dict[str, Any]:
+    """Train a Gaussian posterior for REC on ``task`` from the trained model ``init``, write it
+    to ``dst``, and return its summary. Give ``config`` (a
+    :class:`~mlcompress.posterior.fit.FitConfig`) or its fields as keywords (``steps=``,
+    ``bits_per_block=``, ``parameterization=``...)."""
+    if config is not None and settings:
+        raise UsageError("give FitConfig or keyword settings, not both")
+    if init is not None:
+        _existing(init)
+    if init is None and not resume:
+        raise UsageError("fit-posterior needs --init (a trained model of the task)", hint="train one with mlcompress train")
+    from mlcompress.posterior.fit import FitConfig, fit_to_file
+    from mlcompress.tasks import get_task
+
+    ckpt = Path(checkpoint) if checkpoint is not None else Path(dst).with_name(Path(dst).name + ".ckpt")
+    return fit_to_file(get_task(task, data), init, config or FitConfig(**settings), dst, checkpoint=ckpt, resume=resume,
+                       device=device, force=force, progress=progress, unsafe_pickle=unsafe_pickle)
+
+
+def train(task: str, dst: str | os.PathLike, *, data: str | os.PathLike | None = None, force: bool = False,
+          progress: Progress | None = None, **options: Any) -> dict[str, Any]:
+    """Train a plain model of ``task`` and save it to ``dst``; ``options``: epochs, steps, lr,
+    batch_size, seed, device."""
+    from mlcompress.tasks import get_task
+    from mlcompress.tasks.training import train_to_file
+
+    return train_to_file(get_task(task, data), dst, force=force, progress=progress, **options)
+
+
+def evaluate(task: str, path: str | os.PathLike, *, data: str | os.PathLike | None = None, samples: int = 0,
+             seed: int = 0, device: str = "auto", unsafe_pickle: bool = False) -> dict[str, Any]:
+    """Test-set loss and metric of the weights in ``path`` (any checkpoint, ``.mrc`` or posterior)."""
+    _existing(path)
+    from mlcompress.posterior.evaluation import evaluate_file
+    from mlcompress.tasks import get_task
+
+    return evaluate_file(get_task(task, data), path, samples=samples, seed=seed, device=device,
+                         unsafe_pickle=unsafe_pickle)
+
+
+def diverge(ref: str | os.PathLike | None, cmp: str | os.PathLike, options: "DivergeOptions | None" = None, *,
+            progress: Progress | None = None, **settings: Any) -> "DivergeReport":
+    """How far ``cmp``'s predictions are from ``ref``'s: KL, JS, flips... per token or example.
+
+    Give ``options`` (a :class:`~mlcompress.divergence.compare.DivergeOptions`) or its fields as
+    keywords (``data=``, ``ctx=``, ``score=``...).
+    """
+    _existing(cmp)
+    if ref is not None:
+        _existing(ref)
+    from mlcompress.divergence.compare import DivergeOptions, diverge as run
+
+    if options is not None and settings:
+        raise UsageError("give DivergeOptions or keyword settings, not both")
+    return run(ref, cmp, options or DivergeOptions(**settings), progress=progress)

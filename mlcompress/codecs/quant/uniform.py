@@ -1,0 +1,193 @@
+"""Data-free integer quantization: the lecture's Q(x) = clip(round(x/s) + b) and Q~(n) = s(n - b).
+
+Why one module for all granularities: per-tensor, per-channel and per-group quantization differ
+only in which elements share a scale ``s`` and zero-point ``b``. Here a tensor is viewed as a
+``rows x cols`` matrix (``rows`` = output channels for per-channel/per-group, 1 for per-tensor)
+and every row is cut into groups of ``group`` consecutive columns (the last group may be
+shorter); each group has its own ``(s, b)``. Per-channel is ``group = cols``, per-tensor is one
+row and one group. The same layout is what the ``quant`` codec stores, so the decoder rebuilds
+exactly the partition the quantizer used.
+
+Exactness: :func:`dequantize` is *the* specified reconstruction, used both when the quantizer
+evaluates the model and when the codec decodes a file: ``float64(s) * (n - b)`` computed in
+float64 on the CPU, then rounded once to the tensor's dtype. Scales are rounded to float32 at
+fit time (that is what the file stores), so the quantizer never uses a scale the file cannot
+hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlcompress.lazy import torch
+
+from mlcompress.errors import InputError, UsageError
+
+MIN_BITS = 1
+MAX_BITS = 16
+
+
+def check_bits(bits: int) -> None:
+    """Reject bit widths outside 1..16 (levels must fit the entropy coder's int32 alphabet)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise UsageError(f"--bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+
+
+def level_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer levels ``[lo, hi]`` available at ``bits``.
+
+    Asymmetric uses all ``2**bits`` codes, ``[-2**(bits-1), 2**(bits-1) - 1]``. Symmetric uses
+    the lecture's ``[-M, M]`` with ``M = 2**(bits-1) - 1`` so that ``+x`` and ``-x`` quantize to
+    mirrored levels; it therefore needs at least 2 bits.
+    """
+    check_bits(bits)
+    half = 1 << (bits - 1)
+    if symmetric:
+        if bits < 2:
+            raise UsageError("--symmetric needs at least 2 bits (1 bit has no level pair ±M)")
+        return -(half - 1), half - 1
+    return -half, half - 1
+
+
+def quantize(x: torch.Tensor, scale, zero_point, lo, hi) -> torch.Tensor:
+    """Q(x) = clip(round(x / s) + b, lo, hi) as int64; ``scale``/``zero_point``/bounds broadcast.
+
+    With ``lo = -M, hi = M`` this is exactly the lecture's eq. (2). Division happens in float64
+    so that e.g. ``1.20 / 0.01`` rounds as the worked example does.
+    """
+    x64 = torch.as_tensor(x).to(torch.float64)
+    s = torch.as_tensor(scale, dtype=torch.float64)
+    b = torch.as_tensor(zero_point, dtype=torch.float64)
+    n = torch.round(x64 / s) + b
+    n = torch.minimum(torch.maximum(n, torch.as_tensor(lo, dtype=torch.float64)), torch.as_tensor(hi, dtype=torch.float64))
+    return n.to(torch.int64)
+
+
+def dequantize(levels: torch.Tensor, scale, zero_point, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Q~(n) = s (n - b): float64 arithmetic on the CPU, rounded once to ``dtype``.
+
+    This is the single reconstruction rule shared by the quantizer's evaluation and the codec's
+    decoder, which is what makes "decode reproduces what was evaluated" exact.
+    """
+    n = torch.as_tensor(levels).to("cpu", torch.float64)
+    s = torch.as_tensor(scale, dtype=torch.float64).cpu()
+    b = torch.as_tensor(zero_point, dtype=torch.float64).cpu()
+    return (s * (n - b)).to(torch.float32 if dtype is None else dtype)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """How a tensor is cut into groups that share one (scale, zero-point).
+
+    ``rows x cols`` is the matrix view of the tensor (row-major); each row holds
+    ``ceil(cols / group)`` groups of ``group`` consecutive columns.
+    """
+
+    rows: int
+    cols: int
+    group: int
+
+    @property
+    def groups_per_row(self) -> int:
+        return -(-self.cols // self.group) if self.cols else 0
+
+    @property
+    def n_groups(self) -> int:
+        return self.rows * self.groups_per_row
+
+    @staticmethod
+    def for_shape(shape: tuple[int, ...], *, per_channel: bool = False, group_size: int | None = None) -> "GroupLayout":
+        """The layout for a tensor of ``shape``: per-tensor by default, per output channel (dim 0)
+        with ``per_channel``, or groups of ``group_size`` inside each output channel."""
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise UsageError(f"--group-size must be a positive integer, got {group_size!r}")
+        by_row = (per_channel or group_size is not None) and len(shape) >= 2 and numel > 0
+        rows = int(shape[0]) if by_row else 1
+        cols = numel // rows if rows else 0
+        group = min(group_size, cols) if group_size is not None else cols
+        return GroupLayout(rows, cols, max(group, 1))
+
+    def expand(self, per_group: torch.Tensor) -> torch.Tensor:
+        """Broadcast a ``(rows, groups_per_row)`` parameter to the ``(rows, cols)`` matrix view."""
+        return per_group.reshape(self.rows, self.groups_per_row).repeat_interleave(self.group, dim=1)[:, : self.cols]
+
+
+@dataclass
+class UniformQuantized:
+    """Integer levels of one tensor plus what is needed to reconstruct it."""
+
+    levels: torch.Tensor  # int64, original shape
+    scale: torch.Tensor  # float32, (n_groups,)
+    zero_point: torch.Tensor  # int64, (n_groups,)
+    layout: GroupLayout
+    bits: int
+    symmetric: bool
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        """The reconstructed tensor, by the one rule in :func:`dequantize`."""
+        return dequantize_grouped(self.levels, self.scale, self.zero_point, self.layout, self.dtype)
+
+
+def dequantize_grouped(levels, scale, zero_point, layout: GroupLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize ``levels`` whose groups follow ``layout`` (used by the quantizer and the codec)."""
+    shape = tuple(levels.shape)
+    n = levels.reshape(layout.rows, layout.cols)
+    s = layout.expand(torch.as_tensor(scale, dtype=torch.float32).to(torch.float64))
+    b = layout.expand(torch.as_tensor(zero_point, dtype=torch.int64))
+    return dequantize(n, s, b, dtype).reshape(shape)
+
+
+def fit_params(x: torch.Tensor, layout: GroupLayout, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and zero-point per group (data-free: only the weights themselves are used).
+
+    The range always includes 0, so 0 is exactly representable (pruned weights stay exactly 0
+    and cost one cheap symbol). Symmetric: ``s = max|x| / M``, ``b = 0``. Asymmetric:
+    ``s = (max - min) / (hi - lo)``, ``b = lo - round(min / s)``. A group of zeros gets ``s = 1``.
+    Scales are rounded to float32 here because that is what the file stores.
+    """
+    lo, hi = level_range(bits, symmetric)
+    m = x.detach().to("cpu", torch.float64).reshape(layout.rows, layout.cols)
+    pad = layout.groups_per_row * layout.group - layout.cols
+    if pad:
+        # Pad with zeros: harmless because every group's range includes 0 anyway.
+        m = torch.nn.functional.pad(m, (0, pad))
+    g = m.reshape(layout.rows, layout.groups_per_row, layout.group)
+    gmin = torch.clamp(g.amin(dim=2), max=0.0)
+    gmax = torch.clamp(g.amax(dim=2), min=0.0)
+    if symmetric:
+        scale = torch.maximum(gmax, -gmin) / hi
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (gmax - gmin) / (hi - lo)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float32)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    if not symmetric:
+        zero = lo - torch.round(gmin / scale.to(torch.float64))
+        zero = torch.clamp(zero, lo, hi)
+    return scale.reshape(-1), zero.to(torch.int64).reshape(-1)
+
+
+def quantize_tensor(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool = False,
+    per_channel: bool = False,
+    group_size: int | None = None,
+) -> UniformQuantized:
+    """Quantize one tensor data-free at ``bits`` with the chosen granularity."""
+    if not torch.is_floating_point(x):
+        raise InputError(f"only floating-point tensors can be quantized, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise InputError("tensor holds NaN or infinite values and cannot be quantized")
+    layout = GroupLayout.for_shape(tuple(x.shape), per_channel=per_channel, group_size=group_size)
+    lo, hi = level_range(bits, symmetric)
+    scale, zero = fit_params(x, layout, bits, symmetric)
+    s = layout.expand(scale.to(torch.float64))
+    b = layout.expand(zero)
+    levels = quantize(x.detach().cpu().reshape(layout.rows, layout.cols), s, b, lo, hi).reshape(x.shape)
+    return UniformQuantized(levels, scale, zero, layout, bits, symmetric, x.dtype)

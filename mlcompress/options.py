@@ -1,0 +1,193 @@
+"""What a user chooses: one frozen options object per method, checked before any work starts.
+
+These are the ``method=`` values of :func:`mlcompress.encode` (``Rec(...)``, ``Lossless()``,
+``Quant(...)``, ``L2(...)``, ``Prune(...)``). They are frozen, so a method can never change the
+caller's choice behind its back: a default that depends on the input (REC's bits per block for a
+posterior file) is resolved into a new value, never written back. Importing this module imports
+neither torch nor numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mlcompress.codecs.quant.uniform import check_bits, level_range
+from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_WEIGHT, DEFAULT_MIN_REC_NUMEL, INDEX_CODING_CHOICES,
+                                          SELECTIONS, check_bits_per_block)
+from mlcompress.errors import UsageError
+
+
+def _positive(value: float | None, flag: str) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UsageError(f"{flag} must be a positive number, got {value}")
+
+
+@dataclass(frozen=True)
+class Lossless:
+    """Every tensor bit-exactly: entropy-coded float bit fields, or raw bytes when smaller."""
+
+    name = "lossless"
+
+    def validate(self) -> None:
+        """Nothing to choose."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class Rec:
+    """Relative entropy coding (MIRACLE). Budgets: at most one of ``bits_per_weight``,
+    ``kl_budget_bits`` (total over REC tensors) and ``target_size`` (bytes of the whole file);
+    with none, ``DEFAULT_BITS_PER_WEIGHT``. A posterior file fixes its own block counts, and
+    ``bits_per_block=None`` then means the file's."""
+
+    name = "rec"
+
+    bits_per_block: int | None = None
+    bits_per_weight: float | None = None
+    kl_budget_bits: float | None = None
+    target_size: int | None = None
+    selection: str = "is"
+    seed: int = 0
+    layout_seed: int | None = None  # default: derived from seed
+    index_coding: str = "auto"  # auto: entropy-coded for orc when smaller, else fixed
+    min_rec_numel: int = DEFAULT_MIN_REC_NUMEL
+    device: str = "auto"
+
+    @property
+    def budget_given(self) -> bool:
+        return any(x is not None for x in (self.bits_per_weight, self.kl_budget_bits, self.target_size))
+
+    @property
+    def budget_bits_per_weight(self) -> float:
+        return self.bits_per_weight if self.bits_per_weight is not None else DEFAULT_BITS_PER_WEIGHT
+
+    def validate(self) -> None:
+        if self.bits_per_block is not None:
+            check_bits_per_block(self.bits_per_block)
+        given = [x for x in (self.bits_per_weight, self.kl_budget_bits, self.target_size) if x is not None]
+        if len(given) > 1:
+            raise UsageError("give at most one of --bits-per-weight, --kl-budget and --target-size")
+        _positive(self.bits_per_weight, "--bits-per-weight")
+        _positive(self.kl_budget_bits, "--kl-budget")
+        _positive(self.target_size, "--target-size")
+        if self.selection not in SELECTIONS:
+            raise UsageError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.index_coding not in INDEX_CODING_CHOICES:
+            raise UsageError(f"index coding must be one of {', '.join(INDEX_CODING_CHOICES)}")
+        if self.index_coding == "entropy" and self.selection != "orc":
+            raise UsageError("entropy-coded indices only pay off with --selection orc")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 64):
+            raise UsageError(f"--seed must be in [0, 2^64), got {self.seed}")
+        if self.layout_seed is not None and not (isinstance(self.layout_seed, int) and 0 <= self.layout_seed < 1 << 64):
+            raise UsageError(f"layout seed must be in [0, 2^64), got {self.layout_seed}")
+        if not (isinstance(self.min_rec_numel, int) and self.min_rec_numel >= 1):
+            raise UsageError(f"--min-rec-numel must be >= 1, got {self.min_rec_numel}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Quant:
+    """Data-free uniform quantization: ``bits`` per level on a min/max grid per tensor, channel
+    (``per_channel``) or group of ``group_size`` weights; levels are entropy-coded."""
+
+    name = "quant"
+
+    bits: int = 8
+    symmetric: bool = False
+    per_channel: bool = False
+    group_size: int | None = None
+    task: str | None = None  # optional: report the task's metric before and after
+    data: str | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        level_range(self.bits, self.symmetric)  # validates --bits and --symmetric
+        if self.group_size is not None and not (isinstance(self.group_size, int) and self.group_size >= 1):
+            raise UsageError(f"--group-size must be a positive integer, got {self.group_size}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": "uniform", **{k: v for k, v in asdict(self).items() if k not in ("task", "data", "device")}}
+
+
+@dataclass(frozen=True)
+class L2:
+    """The L² learned dead-zone quantizer (seed 003), trained on ``task``'s calibration data to a
+    file of ``target_ratio`` times smaller than fp32."""
+
+    name = "l2"
+
+    task: str = ""
+    data: str | None = None
+    target_ratio: float = 20.0
+    calib_samples: int = 1000
+    kernel: str = "cos"
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not self.task:
+            raise UsageError("--method l2 needs --task (the model and its calibration data)")
+        _positive(self.target_ratio, "--target-ratio")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"method": "l2", **{k: v for k, v in d.items() if k != "device"}}
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Zero the ``sparsity`` fraction of conv/linear weights ranked by ``criterion``, optionally
+    fine-tune on ``task`` with the mask held, optionally quantize the rest to ``bits``."""
+
+    name = "prune"
+
+    sparsity: float = 0.5
+    method: str = "magnitude"
+    scope: str = "global"
+    task: str | None = None
+    data: str | None = None
+    finetune_steps: int = 0
+    bits: int | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.finetune_steps < 0:
+            raise UsageError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
+        if self.finetune_steps and not self.task:
+            raise UsageError("--finetune-steps needs --task (the data to fine-tune on)")
+        if self.bits is not None:
+            check_bits(self.bits)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Method = Lossless | Rec | Quant | L2 | Prune
+
+
+def check_sparsity(sparsity: object) -> None:
+    """A pruning fraction must be in [0, 1)."""
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
+        raise UsageError(f"--sparsity must be in [0, 1), got {sparsity}", hint="e.g. --sparsity 0.9 zeros 90% of the weights")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``1520``, ``1.52kB``, ``3MB`` (decimal units, as ``inspect`` prints them)."""
+    units = {"": 1, "b": 1, "kb": 1000, "k": 1000, "mb": 1000**2, "m": 1000**2, "gb": 1000**3, "g": 1000**3}
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgb")
+    try:
+        value = float(number) * units[t[len(number):]]
+    except (ValueError, KeyError):
+        raise UsageError(f"cannot read size {text!r}", hint="use bytes or a unit: 1520, 1.52kB, 3MB") from None
+    if not (math.isfinite(value) and value >= 1):
+        raise UsageError(f"size must be at least 1 byte, got {text!r}")
+    return int(value)

@@ -1,0 +1,153 @@
+"""The library side of ``mlcompress quantize``: checkpoint -> quantized ``.mrc`` (and safetensors).
+
+Two methods:
+
+* ``uniform`` (data-free): every conv/linear weight quantized at ``bits`` with min/max
+  scale/zero-point per tensor, channel or group (:mod:`mlcompress.codecs.quant.uniform`). A task is
+  optional and only used to report accuracy before/after.
+* ``l2``: the L² loop (:mod:`mlcompress.quant.calibrate`) against a target ratio; needs a task
+  for the model architecture and the calibration inputs.
+
+Everything that can be wrong with the inputs (bit width, ratio, task/checkpoint mismatch, empty
+calibration set, existing outputs) is checked before anything is written; files are written
+atomically. The reported sizes are read back from the written file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlcompress.assembly import base_metadata, default_output
+from mlcompress.atomic import check_destination
+from mlcompress.checkpoint import load_checkpoint, save_checkpoint
+from mlcompress.codecs.quant import uniform
+from mlcompress.container import open_mrc
+from mlcompress.device import resolve_device
+from mlcompress.errors import InputError, UsageError
+from mlcompress.options import L2, Quant
+from mlcompress.progress import Progress
+from mlcompress.quant.calibrate import L2Config, l2_compress
+from mlcompress.quant.plan import Plan, uniform_plan, write_plan
+from mlcompress.report import Report
+from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
+
+METHODS = ("uniform", "l2")
+
+
+def dequantize_uniform(tensors: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    """The weights a decoder of ``plan`` rebuilds (quantized tensors replaced, others as they are)."""
+    out = dict(tensors)
+    for name, (codec, opts) in plan.items():
+        if codec == "quant":
+            out[name] = uniform.quantize_tensor(
+                tensors[name], opts["bits"], symmetric=opts["symmetric"],
+                per_channel=opts["per_channel"], group_size=opts["group_size"],
+            ).dequantize()
+    return out
+
+
+def _evaluate(task, tensors: dict[str, torch.Tensor], device) -> float:
+    model = load_task_model(task, tensors, device)
+    return evaluate_model(task, model, device=device).metric
+
+
+def _outputs(src: Path, output, safetensors, force: bool) -> tuple[Path, Path | None]:
+    dst = Path(output) if output is not None else default_output(src)
+    if dst.suffix.lower() != ".mrc":
+        raise UsageError(f"-o {dst}: the quantized model is written as .mrc", hint="use --safetensors for a dequantized copy")
+    check_destination(dst, force=force)
+    st = Path(safetensors) if safetensors is not None else None
+    if st is not None:
+        check_destination(st, force=force)
+        if st.resolve() == dst.resolve():
+            raise UsageError("-o and --safetensors name the same file")
+    return dst, st
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike,
+    *,
+    method: str = "uniform",
+    bits: int = 8,
+    symmetric: bool = False,
+    per_channel: bool = False,
+    group_size: int | None = None,
+    task: str | None = None,
+    data: str | os.PathLike | None = None,
+    target_ratio: float = 20.0,
+    calib_samples: int = 1000,
+    kernel: str = "cos",
+    l2_config: L2Config | None = None,
+    device: str | torch.device = "auto",
+    output: str | os.PathLike | None = None,
+    safetensors: str | os.PathLike | None = None,
+    force: bool = False,
+    unsafe_pickle: bool = False,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Report:
+    """Quantize the checkpoint at ``src``; the report adds accuracy before/after and sparsity."""
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}", hint=f"use one of: {', '.join(METHODS)}")
+    if method == "uniform":
+        Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size).validate()
+    else:
+        L2(task=task or "", target_ratio=target_ratio, calib_samples=calib_samples, kernel=kernel).validate()
+        if calib_samples < 1:
+            raise InputError("the calibration set is empty", hint="pass --calib-samples with a positive number")
+        config = l2_config or L2Config(target_ratio=target_ratio, kernel=kernel, seed=seed)
+        config.validate()
+    dev = resolve_device(device)
+    src = Path(src)
+    dst, st = _outputs(src, output, safetensors, force)
+    tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
+    task_obj = None
+    if task is not None:
+        task_obj = get_task(task, data)
+        check_state_dict_fits(task_obj, tensors)
+    summary: dict[str, Any] = {"input": str(src)}
+    before = _evaluate(task_obj, tensors, dev) if task_obj is not None else None
+
+    if method == "uniform":
+        plan = uniform_plan(tensors, bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size)
+        options = {"method": "uniform", "bits": bits, "symmetric": symmetric, "per_channel": per_channel,
+                   "group_size": group_size}
+        to_store, dequantized = tensors, dequantize_uniform(tensors, plan)
+        summary.update(options)
+        quantized_names = [n for n, (c, _) in plan.items() if c == "quant"]
+        zeros = sum(int((dequantized[n] == 0).sum()) for n in quantized_names)
+        summary["sparsity"] = zeros / max(sum(tensors[n].numel() for n in quantized_names), 1)
+    else:
+        calibration = task_obj.calibration(calib_samples)
+        if calibration is None or len(calibration) == 0:
+            raise InputError("the calibration set is empty", hint="pass --calib-samples with a positive number")
+        model = load_task_model(task_obj, tensors, "cpu")
+        result = l2_compress(model, calibration, config, device=dev, progress=progress)
+        plan, to_store, dequantized = result.plan, result.tensors, result.dequantized
+        options = {"method": "l2", "target_ratio": config.target_ratio, "kernel": config.kernel,
+                   "calib_samples": calib_samples, "rounds": config.rounds, "seed": config.seed}
+        summary.update(options)
+        summary.update({"sparsity": result.sparsity, "widen_factor": result.widen_factor,
+                        "optimisation_seconds": result.seconds})
+
+    after = _evaluate(task_obj, dequantized, dev) if task_obj is not None else None
+    metadata = base_metadata(src, options)
+    if task_obj is not None:
+        metadata.update({"task": task_obj.name, "metric": task_obj.metric_name, "metric_before": before,
+                         "metric_after": after})
+    size = write_plan(dst, to_store, plan, metadata, force=force)
+    if st is not None:
+        save_checkpoint(dequantized, st, force=force)
+        summary["safetensors"] = str(st)
+    summary.update(size.as_dict())
+    summary["quantized_tensors"] = sum(1 for c, _ in plan.values() if c == "quant")
+    if task_obj is not None:
+        summary.update({"task": task_obj.name, "metric": task_obj.metric_name, "metric_before": before,
+                        "metric_after": after})
+    return Report.of(open_mrc(dst), method, time.perf_counter() - start, summary)
