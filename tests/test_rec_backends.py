@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlcompress.codecs.rec.backend import backend
 from mlcompress.codecs.rec.counter import STREAM_SELECTION, col_hash, grid_hash, row_hash
 from mlcompress.codecs.rec.decoder import decode_flat, decode_weights, decode_weights_torch
 from mlcompress.codecs.rec.layout import BlockLayout
@@ -115,6 +116,19 @@ def test_decode_equals_candidate_by_candidate_rebuild(numel, blocks):
     for got in (decode_weights(layout, indices, seed=11, prior_mean=-0.003, prior_std=0.07),
                 decode_weights_torch(layout, indices, seed=11, prior_mean=-0.003, prior_std=0.07)):
         assert _same_bits(got[checked], ref[checked])
+
+
+def test_slicing_does_not_change_bits(monkeypatch):
+    # CUDA runs torch on slices of 2^20 values, the CPU on 2^16 (torch) or 2^15 (numpy)
+    layout = BlockLayout(300_001, 411, seed=9)
+    indices = torch.randint(0, 2**24, (411,), generator=torch.Generator().manual_seed(1))
+    kw = dict(seed=3, prior_mean=0.01, prior_std=0.2)
+    ref = decode_flat(layout, indices, xp=torch, **kw)
+    monkeypatch.setattr(type(backend(torch)), "slice_size", lambda self, device=None: 1 << 20)
+    assert _same_bits(decode_flat(layout, indices, xp=torch, **kw), ref)
+    monkeypatch.setattr(type(backend(np)), "slice_size", lambda self, device=None: 777)
+    assert _same_bits(decode_flat(layout, indices.numpy(), xp=np, **kw), ref)
+    assert np.array_equal(layout.position_of(xp=np), layout.position_of().numpy())
 
 
 def test_rejects_wrong_index_count():

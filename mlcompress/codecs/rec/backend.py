@@ -10,10 +10,11 @@ is spelled the same in both and is written inline there. What is not lives here:
 
 * **32-bit words.** Hash values are 32-bit words, arithmetic modulo 2^32. numpy holds them as
   ``uint32``: multiplies wrap and right shifts are logical, so each hash step is one ufunc.
-  torch holds them as ``int32`` bit patterns (its ``uint32`` has no arithmetic in torch < 2.3 nor
-  on CUDA): multiplies wrap modulo 2^32 on CPU and CUDA alike, constants are passed as their
-  signed equivalents, and a logical right shift is an arithmetic one plus a mask. Both give the
-  same bits; tests/test_rec_backends.py checks it.
+  torch holds them as ``int32`` bit patterns (torch 2.2, which the package supports, has no
+  ``uint32``, and later versions implement few ops for it): multiplies and adds wrap modulo 2^32
+  on CPU and CUDA alike, constants are passed as their signed equivalents, and a logical right
+  shift is an arithmetic one plus a mask. Both give the same bits; tests/test_rec_backends.py
+  checks it (and tests/test_rec_sampler.py the CUDA bits, where there is a GPU).
 * **Signed int32** (Feistel halves, tables, positions) is ``int32`` in both; only the names of
   the gather and of the shift with ``out=`` differ.
 * **Allocation, devices, float32 scalars, the unsigned readings of words.**
@@ -82,6 +83,10 @@ class Backend:
         """Logical right shift of words by ``s`` in 1..31 (into ``out`` when given)."""
         raise NotImplementedError
 
+    def scratch_like(self, x: Any) -> Any:
+        """A scratch array for ``x``-shaped intermediates (``out`` of :meth:`srl`), or ``None``."""
+        return None
+
 
 class _PyInt(Backend):
     """Python ints in [0, 2^32): the scalar backend of the hash (stream keys)."""
@@ -123,6 +128,9 @@ class _Numpy(Backend):
 
     def srl(self, x: Any, s: int, out: Any = None) -> Any:
         return np.right_shift(x, self.word(s), out=out)
+
+    def scratch_like(self, x: Any) -> Any:
+        return np.empty_like(x)
 
     def sra(self, x: Any, s: int, out: Any = None) -> Any:
         """Arithmetic right shift of int32 values (into ``out`` when given)."""
@@ -195,7 +203,16 @@ class _Torch(Backend):
         return torch.arange(n, dtype=torch.int32, device=device)
 
     def srl(self, x: Any, s: int, out: Any = None) -> Any:
-        return torch.bitwise_right_shift(x, s, out=out).bitwise_and_((1 << (32 - s)) - 1)
+        # Shift into a contiguous temporary, then mask into ``out``: ``out`` (often a strided
+        # view, the codes' high halves) is written once.
+        if out is None:
+            return (x >> s).bitwise_and_((1 << (32 - s)) - 1)
+        return torch.bitwise_and(x >> s, (1 << (32 - s)) - 1, out=out)
+
+    def scratch_like(self, x: Any) -> Any:
+        # torch ops allocate their results anyway (srl above): a scratch array would only add
+        # memory, which on large encoder grids costs page faults.
+        return None
 
     def sra(self, x: Any, s: int, out: Any = None) -> Any:
         return torch.bitwise_right_shift(x, s, out=out)

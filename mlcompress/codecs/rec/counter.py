@@ -59,7 +59,7 @@ STREAM_ARRIVALS = 3  # Exp(1) inter-arrival times of ordered random coding, (0, 
 def _finalize(b: Backend, x: Any, tmp: Any = None) -> Any:
     """murmur3's 32-bit finalizer, a bijection of words, on backend ``b``: in place for arrays.
 
-    ``tmp`` is an optional scratch array of ``x``'s shape (saves an allocation per shift).
+    ``tmp`` is an optional scratch array of ``x``'s shape (saves numpy an allocation per shift).
     """
     x ^= b.srl(x, 16, tmp)
     x = b.mul(x, M1)
@@ -120,4 +120,5 @@ def grid_hash(rows: Any, cols: Any, *, xp: Any = torch) -> Any:
     equals the same element computed alone, whatever the batch (it is elementwise).
     """
     h = rows[:, None] ^ cols[None, :]
-    return _finalize(backend(xp), h, xp.empty_like(h))
+    b = backend(xp)
+    return _finalize(b, h, b.scratch_like(h))
