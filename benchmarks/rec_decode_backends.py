@@ -25,15 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-LENET5 = {
-    "conv1.weight": (20, 1, 5, 5), "conv1.bias": (20,),
-    "conv2.weight": (50, 20, 5, 5), "conv2.bias": (50,),
-    "fc1.weight": (500, 800), "fc1.bias": (500,),
-    "fc2.weight": (10, 500), "fc2.bias": (10,),
-}  # fmt: skip
 
-
-def _worker(repeats: int, blocks_total: int, bits: int) -> dict:
+def _worker(shapes: dict[str, tuple[int, ...]], repeats: int, blocks_total: int, bits: int) -> dict:
     import torch
 
     try:  # the package layout after the codecs move, then the one before it
@@ -46,9 +39,9 @@ def _worker(repeats: int, blocks_total: int, bits: int) -> dict:
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    total = sum(math.prod(s) for s in LENET5.values())
+    total = sum(math.prod(s) for s in shapes.values())
     jobs = []
-    for i, shape in enumerate(LENET5.values()):
+    for i, shape in enumerate(shapes.values()):
         numel = math.prod(shape)
         blocks = max(1, round(numel * blocks_total / total))
         layout = BlockLayout(numel, blocks, seed=1000 + i)
@@ -79,18 +72,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10, help="timed decodes per round (best counts)")
     ap.add_argument("--blocks", type=int, default=611, help="blocks over the whole model")
     ap.add_argument("--bits", type=int, default=20, help="bits per block index")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", metavar="SHAPES_JSON", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(_worker(args.repeats, args.blocks, args.bits)))
+        shapes = {k: tuple(v) for k, v in json.loads(args.worker).items()}
+        print(json.dumps(_worker(shapes, args.repeats, args.blocks, args.bits)))
         return
+    # The worker may run an older tree, so the shapes come from this one (the REC benchmark's).
+    from rec_encode import LENET5
     trees = [t.split("=", 1) for t in args.tree] or [["this", str(Path(__file__).resolve().parents[1])]]
     best: dict[str, dict[str, float]] = {}
     for r in range(args.rounds):
         digests = set()
         for name, path in trees:
             env = dict(os.environ, PYTHONPATH=str(Path(path).resolve()), OMP_NUM_THREADS="1")
-            cmd = [sys.executable, __file__, "--worker", "--repeats", str(args.repeats),
+            cmd = [sys.executable, __file__, "--worker", json.dumps(LENET5), "--repeats", str(args.repeats),
                    "--blocks", str(args.blocks), "--bits", str(args.bits)]
             res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
             if not res["mlcompress"].startswith(str(Path(path).resolve())):

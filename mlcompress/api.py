@@ -50,13 +50,14 @@ def _existing(path: str | os.PathLike) -> Path:
 
 def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method | None = None, force: bool = False,
            unsafe_pickle: bool = False, progress: Progress | None = None,
-           dequantized: str | os.PathLike | None = None) -> Report:
+           dequantized: str | os.PathLike | None = None, device: str = "auto") -> Report:
     """Compress ``src`` (a checkpoint path, a posterior file, or a dict of tensors) into ``dst``.
 
     ``dst`` defaults to ``src`` with the suffix ``.mrc`` (required when ``src`` is a dict).
     ``method`` is one of ``Rec()``, ``Lossless()``, ``Quant()``, ``L2()``, ``Prune()``; ``None``
     means REC for a posterior file (what ``fit-posterior`` wrote) and is an error otherwise.
     ``dequantized`` (``Quant``/``L2`` only) also writes the reconstructed weights there.
+    ``device`` is where that automatic REC runs; a given method carries its own.
     """
     tensors = None if isinstance(src, (str, os.PathLike)) else dict(src)
     if tensors is None:
@@ -64,19 +65,14 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
     elif dst is None:
         raise UsageError("encoding a dict of tensors needs dst")
     name = src if tensors is None else Path(dst).name
-    if method is not None:
-        method.validate()
+    posterior = None
+    if method is None:  # the one method that needs no choosing: REC of a posterior file
+        from mlcompress.posterior.file import is_posterior_file, load_posterior
 
-    from mlcompress.posterior.file import is_posterior_file, load_posterior
-
-    posterior = load_posterior(src) if tensors is None and src.is_file() and is_posterior_file(src) else None
-    if method is None:
-        if posterior is None:
+        if tensors is not None or not src.is_file() or not is_posterior_file(src):
             raise UsageError("choose how to encode",
                              hint="pass --lossless, or REC with --bits-per-block / --bits-per-weight / --kl-budget / --target-size")
-        method = Rec()
-    if posterior is not None and not isinstance(method, Rec):
-        raise UsageError(f"{src} is a posterior file; it can only be REC-encoded", hint="drop the method flags")
+        posterior, method = load_posterior(src), Rec(device=device)
     if isinstance(method, Rec):
         from mlcompress.rec.compress import encode_rec
 
@@ -128,7 +124,7 @@ def decode(source: str | os.PathLike | bytes, *, device: str = "cpu") -> dict[st
     Names, shapes and dtypes are the ones encoded; tied tensors come back as one tensor object.
     The bits never depend on the device (``auto``, ``cpu`` or ``cuda``).
     """
-    mrc = open_mrc(source if isinstance(source, (bytes, bytearray, memoryview)) else _existing(source))
+    mrc = open_mrc(source)
     from mlcompress.device import resolve_device
 
     return mrc.tensors(device=resolve_device(device))
@@ -147,7 +143,7 @@ def decode_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
     ``output_bytes`` among the details. Nothing is written unless every tensor decodes.
     """
     start = time.perf_counter()
-    mrc = open_mrc(_existing(src))
+    mrc = open_mrc(src)
     from mlcompress.checkpoint import OUTPUT_SUFFIXES, save_checkpoint
     from mlcompress.atomic import check_destination
     from mlcompress.device import resolve_device
@@ -156,8 +152,9 @@ def decode_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
     if dst.suffix not in OUTPUT_SUFFIXES:
         raise InputError(f"cannot write {dst.name}: unknown output format", hint="use .safetensors or .pt")
     check_destination(dst, force=force)
-    tensors = mrc.tensors(device=resolve_device(device))
-    save_checkpoint({k: v.cpu() for k, v in tensors.items()} if str(device) != "cpu" else tensors, dst, force=force)
+    on_cpu: dict[int, Any] = {}  # keyed by tensor identity, so tied tensors stay one tensor
+    tensors = {k: on_cpu.setdefault(id(v), v.cpu()) for k, v in mrc.tensors(device=resolve_device(device)).items()}
+    save_checkpoint(tensors, dst, force=force)
     details = {"input": str(src), "output_bytes": dst.stat().st_size}
     return Report.of(mrc, mrc.metadata.get("options", {}).get("method", "?"), time.perf_counter() - start, details,
                      path=dst)
@@ -166,7 +163,7 @@ def decode_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
 def inspect(path: str | os.PathLike) -> Report:
     """What a ``.mrc`` holds: the report, with per-tensor ``rows``, ``metadata`` and
     ``format_version`` among its details. Reads the header only; never imports torch."""
-    return inspect_file(_existing(path))
+    return inspect_file(Path(path))
 
 
 def fit_posterior(task: str, init: str | os.PathLike | None, dst: str | os.PathLike, *,

@@ -191,10 +191,10 @@ def prune_checkpoint(
         metadata = base_metadata(src, {"method": "prune", **options})
         size = write_plan(dst, stored, plan, metadata, force=force)
         summary.update(size.as_dict())
-        return Report.of(open_mrc(dst), "prune", time.perf_counter() - start, summary)
+        return Report.of(open_mrc(dst), method, time.perf_counter() - start, summary)
     save_checkpoint(stored, dst, force=force)
     tied = shared_storage_aliases(tensors)
     once = [t for n, t in stored.items() if n not in tied]
     numel = sum(t.numel() for t in once)
-    return Report(dst, "prune", len(stored), numel, sum(t.numel() * t.element_size() for t in once), 4 * numel,
+    return Report(dst, method, len(stored), numel, sum(t.numel() * t.element_size() for t in once), 4 * numel,
                   dst.stat().st_size, time.perf_counter() - start, summary)

@@ -49,11 +49,12 @@ def encode(
         method = api.Rec(bits_per_block=bits_per_block, bits_per_weight=bits_per_weight, kl_budget_bits=kl_budget,
                          target_size=api.parse_size(target_size) if target_size is not None else None,
                          selection=selection or "is", seed=seed, min_rec_numel=min_rec_numel, device=device)
-    elif seed != 0 or min_rec_numel != DEFAULT_MIN_REC_NUMEL or device != "auto":
-        # A posterior file needs no flag; these REC settings then apply to it.
+    elif seed != 0 or min_rec_numel != DEFAULT_MIN_REC_NUMEL:
+        # REC-only settings choose REC too; a posterior file needs no flag at all.
         method = api.Rec(seed=seed, min_rec_numel=min_rec_numel, device=device)
     with out.tracker() as progress:
-        report = api.encode(model, output, method=method, force=force, unsafe_pickle=unsafe_pickle, progress=progress)
+        report = api.encode(model, output, method=method, force=force, unsafe_pickle=unsafe_pickle, progress=progress,
+                            device=device)
     summary = report.to_json()
 
     def render(console: Console) -> None:

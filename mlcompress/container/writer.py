@@ -46,7 +46,7 @@ def _records(entries: list[Entry]) -> list[TensorRecord]:
 def file_size(entries: Iterable[Entry], metadata: Mapping[str, Any]) -> int:
     """The exact size :func:`write_encoded` would give these entries (nothing is written).
 
-    A method that sizes its payloads for a target file size asks this with placeholder
+    A method that sizes its payloads for a target file size asks this with empty stand-in
     payloads; the answer is the writer's own layout, not an estimate.
     """
     return lay_out(_records(list(entries)), metadata)[1]

@@ -9,7 +9,6 @@ from torch import nn
 
 from mlcompress.device import resolve_device
 from mlcompress.tasks.protocol import Task
-from mlcompress.tasks.weights import load_task_model
 
 EVAL_BATCH = 1000
 

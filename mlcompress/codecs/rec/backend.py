@@ -28,6 +28,7 @@ only builds the backend objects, whose methods resolve the modules on first use.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 from mlcompress.lazy import numpy as np
@@ -56,7 +57,7 @@ def from_int32(x: Any) -> Any:
     return x.to(torch.int64).bitwise_and_(MASK32)
 
 
-class Backend:
+class Backend(ABC):
     """The operations of the recipe that differ between array modules (see the module docstring).
 
     Array kinds: ``"word"`` (32-bit hash words), ``"int32"``, ``"float32"``. ``out`` arguments
@@ -70,18 +71,18 @@ class Backend:
         stay in the cache (about twice as fast on large tensors as whole-tensor passes)."""
         return 1 << 16
 
+    @abstractmethod
     def word(self, c: int) -> Any:
         """The constant word ``c`` in [0, 2^32), as this backend's word arithmetic takes it."""
-        raise NotImplementedError
 
     def mul(self, x: Any, c: int) -> Any:
         """``x * c mod 2^32`` for words ``x``, in place for arrays; returns the result."""
         x *= self.word(c)
         return x
 
+    @abstractmethod
     def srl(self, x: Any, s: int, out: Any = None) -> Any:
         """Logical right shift of words by ``s`` in 1..31 (into ``out`` when given)."""
-        raise NotImplementedError
 
     def scratch_like(self, x: Any) -> Any:
         """A scratch array for ``x``-shaped intermediates (``out`` of :meth:`srl`), or ``None``."""
