@@ -30,7 +30,8 @@ from mlcompress.posterior.datafree import datafree_posterior
 from mlcompress.posterior.file import Posterior, PosteriorTensor, save_posterior
 from mlcompress.codecs.rec.decoder import decode_weights_torch
 from mlcompress.options import Rec as RecOptions
-from mlcompress.rec.compress import RecItem, coefficient_matrix, encode_rec
+from mlcompress.rec.blocks import RecItem, coefficient_matrix
+from mlcompress.rec.compress import encode_rec
 from mlcompress.rec.encoder import select_candidates_loop
 from mlcompress.codecs.rec.layout import BlockLayout
 from mlcompress.codecs.rec.payload import decode_indices

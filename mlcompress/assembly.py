@@ -19,9 +19,14 @@ def default_output(src: str | os.PathLike, suffix: str = ".mrc") -> Path:
     return src.with_name(src.name + suffix) if src.is_dir() else src.with_suffix(suffix)
 
 
-def base_metadata(src: str | os.PathLike, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Model-level header metadata every writer records: producer, source name and options."""
-    return {"producer": f"mlcompress {__version__}", "source": Path(src).name, "options": dict(options)}
+def base_metadata(src: str | os.PathLike | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Model-level header metadata every writer records: producer, source name (unless ``src``
+    is None: REC leaves it out, its header being most of a small file) and options."""
+    out: dict[str, Any] = {"producer": f"mlcompress {__version__}"}
+    if src is not None:
+        out["source"] = Path(src).name
+    out["options"] = dict(options)
+    return out
 
 
 def smallest_lossless(name: str, tensor: Any) -> EncodedTensor:

@@ -56,6 +56,17 @@ class Rec:
     index_coding: str = "auto"  # auto: entropy-coded for orc when smaller, else fixed
     min_rec_numel: int = DEFAULT_MIN_REC_NUMEL
     device: str = "auto"
+    # Progressive coding (MIRACLE's retraining): code blocks a group at a time and retrain the
+    # rest on ``task`` between groups. Only for posterior files.
+    task: str | None = None
+    data: str | None = None
+    retrain_steps: int = 0
+    group_size: int | None = None  # blocks per group; default: a tenth of all blocks (10 groups)
+    retrain_lr: float | None = None  # default: a tenth of fit-posterior's for the parameterization
+
+    @property
+    def progressive(self) -> bool:
+        return self.task is not None
 
     @property
     def budget_given(self) -> bool:
@@ -86,6 +97,15 @@ class Rec:
             raise UsageError(f"layout seed must be in [0, 2^64), got {self.layout_seed}")
         if not (isinstance(self.min_rec_numel, int) and self.min_rec_numel >= 1):
             raise UsageError(f"--min-rec-numel must be >= 1, got {self.min_rec_numel}")
+        if not (isinstance(self.retrain_steps, int) and self.retrain_steps >= 0):
+            raise UsageError(f"--retrain-steps must be >= 0, got {self.retrain_steps}")
+        if (self.retrain_steps or self.group_size is not None) and self.task is None:
+            raise UsageError("--retrain-steps and --group-size need --task (the data to retrain on)",
+                             hint="pass --task NAME, or drop them for one-shot coding")
+        if self.group_size is not None and not (isinstance(self.group_size, int) and self.group_size >= 1):
+            raise UsageError(f"--group-size must be >= 1, got {self.group_size}")
+        if self.retrain_lr is not None and not self.retrain_lr > 0:
+            raise UsageError("--retrain-lr must be positive")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

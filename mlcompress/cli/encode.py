@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,6 +29,10 @@ def encode(
     selection: Annotated[Optional[str], typer.Option("--selection", help="REC candidate choice: is (importance sampling, MIRACLE), greedy (best candidate), orc (ordered random coding, entropy-coded indices).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="REC seed shared by encoder and decoder (stored in the file).")] = 0,
     min_rec_numel: Annotated[int, typer.Option("--min-rec-numel", help="REC only tensors with >= 2 dimensions and at least this many weights; the rest are stored lossless.")] = DEFAULT_MIN_REC_NUMEL,
+    task: options.OptionalTask = None,
+    data: options.DataDir = None,
+    retrain_steps: Annotated[int, typer.Option("--retrain-steps", help="Progressive REC (needs --task and a posterior file): retrain the blocks not yet coded this many steps after each group.")] = 0,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Progressive REC: blocks coded per group (default: a tenth of all blocks).")] = None,
     device: options.Device = "auto",
     force: options.Force = False,
     unsafe_pickle: options.UnsafePickle = False,
@@ -49,11 +54,23 @@ def encode(
         method = api.Rec(bits_per_block=bits_per_block, bits_per_weight=bits_per_weight, kl_budget_bits=kl_budget,
                          target_size=api.parse_size(target_size) if target_size is not None else None,
                          selection=selection or "is", seed=seed, min_rec_numel=min_rec_numel, device=device)
-    elif seed != 0 or min_rec_numel != DEFAULT_MIN_REC_NUMEL:
+    elif seed != 0 or min_rec_numel != DEFAULT_MIN_REC_NUMEL or task is not None or retrain_steps or group_size:
         # REC-only settings choose REC too; a posterior file needs no flag at all.
         method = api.Rec(seed=seed, min_rec_numel=min_rec_numel, device=device)
+    if (task is not None or retrain_steps or group_size is not None) and lossless:
+        raise UsageError("--task/--retrain-steps/--group-size are for progressive REC, not --lossless")
+    if isinstance(method, api.Rec) and (task is not None or retrain_steps or group_size is not None):
+        method = dataclasses.replace(method, task=task, data=str(data) if data is not None else None,
+                                     retrain_steps=retrain_steps, group_size=group_size)
+        method.validate()
     with out.tracker() as progress:
-        report = api.encode(model, output, method=method, force=force, unsafe_pickle=unsafe_pickle, progress=progress,
+        def receive(update) -> None:
+            progress(update)
+            if update.phase == "REC progressive" and not out.interactive and not json:
+                out.log(f"REC progressive: {update.done}/{update.total} blocks coded, train loss "
+                        f"{update.info['loss']:.4f}, test {update.info['metric_name']} {update.info['metric']:.4f}")
+
+        report = api.encode(model, output, method=method, force=force, unsafe_pickle=unsafe_pickle, progress=receive,
                             device=device)
     summary = report.to_json()
 

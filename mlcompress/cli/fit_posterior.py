@@ -14,7 +14,7 @@ from rich.table import Table
 from mlcompress import api
 from mlcompress.cli import options
 from mlcompress.cli.app import app
-from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, DEFAULT_MIN_REC_NUMEL, MAX_BITS_PER_BLOCK
+from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, MAX_BITS_PER_BLOCK
 from mlcompress.cli.output import Output
 from mlcompress.errors import UsageError
 
@@ -50,7 +50,10 @@ def fit_posterior_command(
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in total (a resumed run continues up to this).")] = 2000,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default: 3e-2 for mean-kl, 3e-3 for mean-var; see docs/posterior.md).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: the task's).")] = None,
-    min_rec_numel: Annotated[int, typer.Option("--min-rec-numel", help="Give a posterior to Linear/conv weights with at least this many weights (the encoder's rule).")] = DEFAULT_MIN_REC_NUMEL,
+    min_rec_numel: Annotated[int, typer.Option("--min-rec-numel", help="Give a posterior only to parameters with at least this many values (default 1: every parameter, biases included).")] = 1,
+    hash: Annotated[Optional[str], typer.Option("--hash", help="Hashing trick: tie weights to fewer free variables, name=factor,... (e.g. fc1.weight=50,conv2.weight=2) or auto (docs/posterior.md).")] = None,
+    pretrain_steps: Annotated[int, typer.Option("--pretrain-steps", help="Train the hashed (tied) network this many steps without KL before fitting the posterior.")] = 0,
+    target_size: Annotated[Optional[str], typer.Option("--target-size", help="Size of the REC file, header included (e.g. 3kB): sets the number of blocks instead of --bits-per-weight.")] = None,
     local_reparam: Annotated[bool, typer.Option("--local-reparam/--no-local-reparam", help="Local reparameterization for Linear layers.")] = True,
     beta_init: Annotated[float, typer.Option("--beta-init", help="mean-var: initial KL weight of every block.")] = 1.0,
     beta_step: Annotated[Optional[float], typer.Option("--beta-step", help="mean-var: constant annealing step (MIRACLE: 5e-5); default: auto, shrinking over the run.")] = None,
@@ -71,12 +74,16 @@ def fit_posterior_command(
 
     if output is None:
         raise UsageError("say where to write the posterior", hint="pass -o posterior.safetensors")
+    from mlcompress.options import parse_size
+    from mlcompress.posterior.budget import parse_hash
+
     out = Output(json, quiet)
     config = FitConfig(
         parameterization=param, bits_per_block=bits_per_block, kl_margin=kl_margin, bits_per_weight=bits_per_weight,
         steps=steps, lr=lr, batch_size=batch_size, seed=seed, local_reparam=local_reparam,
         beta_init=beta_init, beta_step=beta_step, eval_every=eval_every,
-        checkpoint_every=checkpoint_every, min_rec_numel=min_rec_numel,
+        checkpoint_every=checkpoint_every, min_rec_numel=min_rec_numel, hash=parse_hash(hash),
+        pretrain_steps=pretrain_steps, target_size=parse_size(target_size) if target_size is not None else None,
     )
     last_draw = [0.0]
 
@@ -88,6 +95,11 @@ def fit_posterior_command(
         with Live(console=out.err, transient=False, auto_refresh=False) as live:
 
             def show(update) -> None:
+                if update.phase != "fit":
+                    if update.done == update.total or time.monotonic() - last_draw[0] >= _REFRESH_S:
+                        live.update(f"{update.phase}: {update.done:,}/{update.total:,} {update.unit}, loss {update.info.get('loss', float('nan')):.4f}", refresh=True)
+                        last_draw[0] = time.monotonic()
+                    return
                 status = update.info["status"]
                 now = time.monotonic()
                 if now - last_draw[0] >= _REFRESH_S or status.step == status.steps:
@@ -98,6 +110,10 @@ def fit_posterior_command(
     else:
 
         def log(update) -> None:
+            if update.phase != "fit":
+                if update.done == update.total or (eval_every and update.done % eval_every == 0):
+                    out.log(f"{update.phase}: step {update.done}/{update.total}, loss {update.info.get('loss', float('nan')):.4f}")
+                return
             status = update.info["status"]
             if eval_every and status.step % eval_every == 0 and status.test is not None:
                 out.log(

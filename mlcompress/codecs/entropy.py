@@ -173,6 +173,10 @@ def decode_indices(stream: bytes | memoryview, expected_count: int | None = None
         table = symbols if n_table else np.zeros(1, dtype=np.int32)
         return table, np.zeros(n_values, dtype=np.int32)
     words = np.frombuffer(view, dtype="<u4", count=n_words, offset=pos).astype(np.uint32)
+    if n_words and words[-1] == 0:
+        # A coder's last word (the top of its state) is never 0; constriction would raise a
+        # plain ValueError on it.
+        raise MrcFormatError("entropy stream is damaged (its last word is zero)")
     coder = constriction.stream.stack.AnsCoder(words)
     try:
         index = coder.decode(_categorical(counts), int(n_values))

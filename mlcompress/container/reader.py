@@ -11,20 +11,23 @@ from typing import Any, BinaryIO, Iterator
 from mlcompress import codecs
 from mlcompress.errors import InputError, MrcFormatError
 from mlcompress.format.dtypes import torch_dtype
-from mlcompress.format.header import PREAMBLE, check_layout, decode_header, parse_header, read_preamble
-from mlcompress.format.records import TensorRecord
+from mlcompress.format.header import PREAMBLE, Unit, check_layout, decode_header, parse_header, read_preamble
+from mlcompress.format.records import GroupRecord, TensorRecord
 
 
 class MrcFile:
     """A validated ``.mrc`` file. Construct with :func:`open_mrc`; tensors are decoded lazily."""
 
     def __init__(self, path: Path, version: int, metadata: dict, records: list[TensorRecord],
-                 header_length: int, file_size: int, data: bytes | None = None) -> None:
+                 header_length: int, file_size: int, data: bytes | None = None,
+                 units: list[Unit] | None = None) -> None:
         self.path = path
         self._data = data  # the whole file, when it was opened from memory
         self.version = version
         self.metadata = metadata
         self.records = records
+        self.units = units if units is not None else [r for r in records if r.alias_of is None]
+        self._group_bytes: dict[int, bytes] = {}  # verified payloads of groups already read
         self.header_length = header_length
         self.file_size = file_size
         self._by_name = {r.name: r for r in records}
@@ -41,20 +44,31 @@ class MrcFile:
             raise InputError(f"no tensor named {name!r} in {self.path}") from None
         return self._by_name[rec.alias_of] if rec.alias_of is not None else rec
 
-    def payload(self, name: str) -> bytes:
-        """The payload bytes of ``name``, checked against their CRC32."""
-        rec = self.record(name)
+    def _read(self, offset: int, length: int, crc: int, what: str) -> bytes:
         if self._data is not None:
-            data = self._data[rec.offset : rec.offset + rec.length]
+            data = self._data[offset : offset + length]
         else:
             with open(self.path, "rb") as f:
-                f.seek(rec.offset)
-                data = f.read(rec.length)
-        if len(data) != rec.length:
-            raise MrcFormatError(f"{self.path}: payload of {rec.name!r} is truncated")
-        if zlib.crc32(data) != rec.crc32:
-            raise MrcFormatError(f"{self.path}: checksum mismatch in payload of {rec.name!r}")
+                f.seek(offset)
+                data = f.read(length)
+        if len(data) != length:
+            raise MrcFormatError(f"{self.path}: payload of {what} is truncated")
+        if zlib.crc32(data) != crc:
+            raise MrcFormatError(f"{self.path}: checksum mismatch in payload of {what}")
         return data
+
+    def payload(self, name: str) -> bytes:
+        """The payload bytes of ``name``, checked against their CRC32 (a group member's: its
+        group's, read and checked once)."""
+        rec = self.record(name)
+        if rec.group is None:
+            return self._read(rec.offset, rec.length, rec.crc32, repr(rec.name))
+        group = self.units[rec.group]
+        data = self._group_bytes.get(rec.group)
+        if data is None:
+            data = self._group_bytes[rec.group] = self._read(group.offset, group.length, group.crc32, group.name)
+        start = rec.offset - group.offset
+        return data[start : start + rec.length]
 
     def tensor(self, name: str, *, device: Any = "cpu") -> Any:
         """Decode one tensor on ``device`` (a torch device or its name; the bits never depend on it)."""
@@ -102,15 +116,29 @@ def _open(path: Path, f: BinaryIO, size: int, data: bytes | None) -> MrcFile:
     header = f.read(header_len)
     if zlib.crc32(header) != header_crc:
         raise MrcFormatError(f"{path}: header checksum mismatch (the file is damaged)")
-    records, file_size, metadata = parse_header(path, decode_header(header, path))
+    records, units, file_size, metadata = parse_header(path, decode_header(header, path, version), version,
+                                                       expand=lambda group: _members(path, group))
     for rec in records:
         if rec.alias_of is None:
             _check_codec(path, rec)
     if size != file_size:
         kind = "truncated" if size < file_size else "longer than its header says"
         raise MrcFormatError(f"{path}: file is {kind} ({size} bytes, header says {file_size})")
-    check_layout(path, f, records, PREAMBLE.size + header_len, file_size)
-    return MrcFile(path, version, metadata, records, header_len, file_size, data)
+    check_layout(path, f, units, PREAMBLE.size + header_len, file_size)
+    return MrcFile(path, version, metadata, records, header_len, file_size, data, units)
+
+
+def _members(path: Path, group: GroupRecord) -> list[TensorRecord]:
+    """A group's member records, from its codec (which must know how to group)."""
+    codec = codecs.get(group.codec)
+    if not hasattr(codec, "group_members"):
+        raise MrcFormatError(f"{path}: codec {group.codec!r} does not store groups")
+    try:
+        return codec.group_members(group.params, group.entries)
+    except MrcFormatError as exc:
+        raise MrcFormatError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise MrcFormatError(f"{path}: malformed {group.name} ({exc})") from None
 
 
 def _check_codec(path: Path, rec: TensorRecord) -> None:

@@ -16,8 +16,8 @@ from mlcompress import codecs
 from mlcompress.atomic import atomic_output, check_destination
 from mlcompress.errors import InputError
 from mlcompress.format.dtypes import dtype_name
-from mlcompress.format.header import MAGIC, PREAMBLE, VERSION, lay_out
-from mlcompress.format.records import Alias, EncodedTensor, TensorRecord
+from mlcompress.format.header import MAGIC, PREAMBLE, VERSION, Unit, lay_out
+from mlcompress.format.records import Alias, EncodedTensor, GroupRecord, TensorRecord
 
 Entry = EncodedTensor | Alias
 #: Chooses the codec of one tensor: ``(name, tensor) -> (codec name, codec options)``.
@@ -43,13 +43,53 @@ def _records(entries: list[Entry]) -> list[TensorRecord]:
     return records
 
 
+def group_units(records: list[TensorRecord]) -> list[Unit]:
+    """Version 2's stored units: records whose codec can group them and that share its group key
+    become one :class:`GroupRecord`, at the place of the first of them; the rest stay as they
+    are (aliases included; they have no payload)."""
+    units: list[Unit] = []
+    groups: dict[tuple, GroupRecord] = {}
+    for rec in records:
+        codec = codecs.get(rec.codec) if rec.alias_of is None else None
+        key = codec.group_key(rec) if codec is not None and hasattr(codec, "group_key") else None
+        if key is None:
+            units.append(rec)
+            continue
+        group = groups.get((rec.codec, key))
+        if group is None:
+            group = groups[(rec.codec, key)] = GroupRecord(rec.codec, codec.group_params(rec), [])
+            units.append(group)
+        group.entries.append(codec.group_entry(rec))
+        group.members.append(rec)
+    for group in groups.values():
+        group.length = sum(m.length for m in group.members)
+    return units
+
+
+def _payload_units(records: list[TensorRecord], payloads: Mapping[str, bytes]) -> tuple[list[Unit], dict[int, bytes]]:
+    """Units of ``records`` and each stored unit's payload bytes (a group's members back to back)."""
+    units = group_units(records)
+    data: dict[int, bytes] = {}
+    for unit in units:
+        if isinstance(unit, GroupRecord):
+            data[id(unit)] = b"".join(payloads[m.name] for m in unit.members)
+            unit.crc32 = zlib.crc32(data[id(unit)])
+            for member in unit.members:
+                member.crc32 = None
+        elif unit.alias_of is None:
+            data[id(unit)] = payloads[unit.name]
+    return units, data
+
+
 def file_size(entries: Iterable[Entry], metadata: Mapping[str, Any]) -> int:
     """The exact size :func:`write_encoded` would give these entries (nothing is written).
 
     A method that sizes its payloads for a target file size asks this with empty stand-in
     payloads; the answer is the writer's own layout, not an estimate.
     """
-    return lay_out(_records(list(entries)), metadata)[1]
+    entries = list(entries)
+    units, _ = _payload_units(_records(entries), {e.name: e.payload for e in entries if isinstance(e, EncodedTensor)})
+    return lay_out(units, metadata)[1]
 
 
 def write_encoded(path: str | os.PathLike, entries: Iterable[Entry], metadata: Mapping[str, Any], *,
@@ -57,17 +97,16 @@ def write_encoded(path: str | os.PathLike, entries: Iterable[Entry], metadata: M
     """Write pre-encoded tensors as a ``.mrc`` file, atomically. Returns the destination path."""
     path = Path(path)
     entries = list(entries)
-    records = _records(entries)
-    header, _ = lay_out(records, metadata)
-    payloads = [e.payload for e in entries if isinstance(e, EncodedTensor)]
+    units, data = _payload_units(_records(entries), {e.name: e.payload for e in entries if isinstance(e, EncodedTensor)})
+    header, _ = lay_out(units, metadata)
     with atomic_output(path, force=force) as tmp, open(tmp, "wb") as f:
         f.write(PREAMBLE.pack(MAGIC, VERSION, zlib.crc32(header), len(header)))
         f.write(header)
         pos = PREAMBLE.size + len(header)
-        for rec, payload in zip((r for r in records if r.alias_of is None), payloads):
-            f.write(b"\0" * (rec.offset - pos))
-            f.write(payload)
-            pos = rec.offset + len(payload)
+        for unit in sorted((u for u in units if id(u) in data), key=lambda u: u.offset):
+            f.write(b"\0" * (unit.offset - pos))
+            f.write(data[id(unit)])
+            pos = unit.offset + unit.length
     return path
 
 

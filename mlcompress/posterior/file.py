@@ -20,6 +20,9 @@ Metadata (safetensors' string map):
   :class:`~mlcompress.codecs.rec.layout.BlockLayout`;
 * ``blocks`` -- JSON object ``{name: num_blocks}`` of the coded tensors, in coding order;
 * ``fixed`` -- JSON list of the names stored as ``.value``, in checkpoint order;
+* ``hash`` (optional) -- JSON object ``{name: shape}`` of the hashed tensors (the hashing trick):
+  their ``.mean``/``.std`` are 1-D, one value per free variable, tied to the ``shape``'s weights
+  as docs/format.md ("Hashing trick") specifies;
 * ``parameterization`` -- how the posterior was made (``mean-kl``, ``mean-var``, ``data-free``);
   informational; optional string ``extra`` (JSON object) for the producer's own notes.
 
@@ -68,6 +71,17 @@ class PosteriorTensor:
     prior_mean: float
     prior_std: float
     num_blocks: int
+    #: The tensor's shape when it is hashed (``mean``/``std`` are then its ``[free]`` variables,
+    #: tied to the weights by :class:`mlcompress.codecs.rec.hashing.Tying`); None otherwise.
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def hashed(self) -> bool:
+        return self.shape is not None
+
+    @property
+    def tensor_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape) if self.shape is not None else tuple(self.mean.shape)
 
 
 @dataclass
@@ -99,6 +113,10 @@ class Posterior:
                     f"{where}: {name}.mean has shape {tuple(t.mean.shape)} but {name}.std has {tuple(t.std.shape)}"
                 )
             numel = t.mean.numel()
+            if t.hashed:
+                full = math.prod(t.shape)
+                if t.mean.dim() != 1 or not 1 <= numel <= full:
+                    raise InputError(f"{where}: hashed {name} must have 1-D means of 1..{full} free variables, got shape {tuple(t.mean.shape)}")
             if numel == 0:
                 raise InputError(f"{where}: {name} is empty; empty tensors cannot be REC-coded")
             if not torch.isfinite(t.mean).all():
@@ -136,6 +154,7 @@ def save_posterior(posterior: Posterior, path: str | os.PathLike, *, force: bool
         "layout_seed": str(posterior.layout_seed),
         "blocks": json.dumps({n: t.num_blocks for n, t in posterior.tensors.items()}),
         "fixed": json.dumps(list(posterior.fixed)),
+        "hash": json.dumps({n: list(t.shape) for n, t in posterior.tensors.items() if t.hashed}),
         "parameterization": posterior.parameterization,
         "extra": json.dumps(posterior.extra),
     }
@@ -175,6 +194,10 @@ def load_posterior(path: str | os.PathLike) -> Posterior:
     blocks = _meta_json(meta, "blocks", where, dict)
     fixed_names = _meta_json(meta, "fixed", where, list)
     extra = _meta_json(meta, "extra", where, dict) if "extra" in meta else {}
+    hashed = _meta_json(meta, "hash", where, dict) if "hash" in meta else {}
+    for name, shape in hashed.items():
+        if name not in blocks or not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise InputError(f"{where}: metadata 'hash' entry {name!r} must name a coded tensor and give its shape")
     expected = {f"{n}{s}" for n in blocks for s in _SUFFIXES} | {f"{n}.value" for n in fixed_names}
     missing = sorted(expected - keys)
     if missing:
@@ -198,6 +221,7 @@ def load_posterior(path: str | os.PathLike) -> Posterior:
             prior_mean=float(tensors[f"{name}.prior_mean"]),
             prior_std=float(tensors[f"{name}.prior_std"]),
             num_blocks=count,
+            shape=tuple(hashed[name]) if name in hashed else None,
         )
     posterior = Posterior(
         tensors=coded,

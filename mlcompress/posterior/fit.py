@@ -31,8 +31,12 @@ from mlcompress.errors import InputError, MlcompressError, UsageError
 from mlcompress.posterior.file import Posterior, PosteriorTensor, save_posterior
 from mlcompress.posterior.meankl import NATS_PER_BIT
 from mlcompress.progress import Progress, report
-from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, DEFAULT_MIN_REC_NUMEL
+from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK
 from mlcompress.posterior.parameterization import MEAN_KL, MEAN_VAR, PARAMETERIZATIONS
+from mlcompress.codecs.rec import compact_prior
+from mlcompress.codecs.rec.hashing import Tying
+from mlcompress.posterior.budget import resolve_hash, target_blocks
+from mlcompress.posterior.pretrain import pretrain_tied
 from mlcompress.posterior.training_layout import TrainingLayout, training_layout
 from mlcompress.posterior.variational import VariationalModel, default_coded_names
 from mlcompress.tasks import Evaluation, Task, check_state_dict_fits, evaluate_outputs
@@ -77,7 +81,11 @@ class FitConfig:
     eval_every: int = 500
     checkpoint_every: int = 500
     coded: list[str] | None = None  # parameter names that get a posterior; None: the default rule
-    min_rec_numel: int = DEFAULT_MIN_REC_NUMEL  # default rule: Linear/conv weights this large
+    min_rec_numel: int = 1  # default rule: every floating-point parameter with this many values
+    # The hashing trick: {name: weights per free variable}, "auto" (posterior.budget.auto_hash), or None.
+    hash: dict[str, float] | str | None = None
+    pretrain_steps: int = 0  # steps of tied training (no KL) before the posterior; needs hashing
+    target_size: int | None = None  # bytes of the REC file; sets the blocks instead of bits_per_weight
 
     def __post_init__(self) -> None:
         # Frozen, but the default learning rate follows the parameterization: resolve it once here
@@ -124,6 +132,16 @@ class FitConfig:
             raise UsageError("--eval-every and --checkpoint-every must be >= 0 (0: never)")
         if not (self.beta_init > 0) or (self.beta_step is not None and not self.beta_step > 0):
             raise UsageError("--beta-init and --beta-step must be positive")
+        if self.pretrain_steps < 0:
+            raise UsageError("--pretrain-steps must be >= 0")
+        if self.target_size is not None and self.target_size < 1:
+            raise UsageError("--target-size must be at least 1 byte")
+        if isinstance(self.hash, dict):
+            for name, factor in self.hash.items():
+                if not (isinstance(factor, (int, float)) and factor >= 1):
+                    raise UsageError(f"--hash {name}={factor}: the factor must be at least 1 (weights per free variable)")
+        elif self.hash not in (None, "auto"):
+            raise UsageError(f"--hash must be name=factor,... or auto, got {self.hash!r}")
 
 
 @dataclass
@@ -173,15 +191,22 @@ def build_variational(
         raise InputError(f"cannot give a posterior to {', '.join(unknown)}: not parameters of the model")
     if not coded:
         raise InputError(
-            f"task {task.name!r}: no Linear or convolution weight has {config.min_rec_numel} or more weights",
+            f"task {task.name!r}: no floating-point parameter has {config.min_rec_numel} or more values",
             hint="lower --min-rec-numel",
         )
+    tying = tyings(config, {name: tuple(params[name].shape) for name in coded})
+    sizes = {name: tying[name].free if name in tying else params[name].numel() for name in coded}
+    blocks = None
+    if config.target_size is not None:
+        blocks = target_blocks({n: tuple(params[n].shape) for n in coded}, sizes,
+                               {n: t.free for n, t in tying.items()}, config.bits_per_block, config.target_size)
     layout = training_layout(
-        {name: tuple(params[name].shape) for name in coded},
+        {name: (sizes[name],) if name in tying else tuple(params[name].shape) for name in coded},
         bits_per_block=config.bits_per_block,
         bits_per_weight=config.bits_per_weight,
         seed=config.seed,
         kl_margin=config.kl_margin,
+        blocks=blocks,
     )
     model = VariationalModel(
         base,
@@ -191,8 +216,16 @@ def build_variational(
         config.parameterization,
         local_reparam=config.local_reparam,
         beta_init=config.beta_init,
+        tying=tying,
     )
     return model.to(device), layout
+
+
+def tyings(config: FitConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tying]:
+    """The hashing trick's tying of each hashed coded tensor, keyed on the fit's layout seed."""
+    free = resolve_hash(config.hash, {name: math.prod(shape) for name, shape in shapes.items()})
+    seed = config.seed % (1 << 64)
+    return {name: Tying(math.prod(shapes[name]), f, seed) for name, f in free.items()}
 
 
 def _batches(task: Task, batch_size: int, generator: torch.Generator, epoch_state: torch.Tensor,
@@ -268,7 +301,8 @@ def load_fit_checkpoint(path: Path) -> dict[str, Any]:
 
 
 _MUST_MATCH_ON_RESUME = ("parameterization", "bits_per_block", "kl_margin", "bits_per_weight", "seed",
-                         "local_reparam", "coded", "min_rec_numel", "batch_size", "beta_init")
+                         "local_reparam", "coded", "min_rec_numel", "batch_size", "beta_init", "hash",
+                         "pretrain_steps", "target_size")
 
 
 def fit_posterior(
@@ -308,6 +342,15 @@ def fit_posterior(
         init = task.make_model().state_dict()  # shapes only: every value is replaced below
     if init is None:
         raise UsageError("fit-posterior needs --init (a trained model of the task) or --resume")
+    if config.pretrain_steps and saved is None:
+        base = task.make_model()
+        coded = list(config.coded) if config.coded is not None else default_coded_names(base, config.min_rec_numel)
+        params = dict(base.named_parameters())
+        tied = tyings(config, {n: tuple(params[n].shape) for n in coded if n in params})
+        if not tied:
+            raise UsageError("--pretrain-steps trains the tied (hashed) network: it needs --hash")
+        init = pretrain_tied(task, init, tied, steps=config.pretrain_steps, seed=config.seed,
+                             batch_size=config.batch_size, device=dev, progress=progress)
 
     model, layout = build_variational(task, init, config, dev)
     optimizer = torch.optim.Adam(model.trainable(), lr=config.lr)
@@ -423,9 +466,17 @@ def _position_after(task: Task, batch_size: int, epoch_state: torch.Tensor, inde
 def posterior_of(result: FitResult, task: Task) -> Posterior:
     """The fitted posterior in the REC posterior-file form that ``mlcompress encode`` reads:
     coded tensors with their mean, std, prior and block count; everything else of the model's
-    state dict (biases, norms, buffers) as fixed values."""
+    state dict (buffers, parameters left out) as fixed values.
+
+    The prior stds are first rounded to what the file header carries
+    (:func:`mlcompress.codecs.rec.compact_prior`, 4 significant digits) -- in the model itself, so
+    that Mean-KL recomputes its posterior against the rounded prior and every block keeps its
+    budget exactly (Mean-Var's blocks move by < 0.01 bits).
+    """
     model, layout = result.model, result.layout
     with torch.no_grad():
+        rounded = [compact_prior(float(r)) for r in model.prior_std()]
+        model.log_rho.copy_(torch.log(torch.tensor(rounded, dtype=torch.float64)).to(model.log_rho.dtype))
         mu, sigma, _ = model.distribution()
         rho = model.prior_std()
         kl_bits = model.kl_per_block() / NATS_PER_BIT
@@ -433,7 +484,8 @@ def posterior_of(result: FitResult, task: Task) -> Posterior:
     blocks = layout.blocks_per_tensor()
     tensors = {
         name: PosteriorTensor(mean=means[name].cpu(), std=stds[name].cpu(), prior_mean=0.0,
-                              prior_std=float(rho[i]), num_blocks=blocks[name])
+                              prior_std=float(rho[i]), num_blocks=blocks[name],
+                              shape=model.shapes[i] if name in model.tying else None)
         for i, name in enumerate(model.coded)
     }
     fixed = {name: t.detach().cpu() for name, t in model.base.state_dict().items() if name not in tensors}
@@ -489,7 +541,9 @@ def fit_to_file(
         "task": task.name,
         "parameterization": config.parameterization,
         "coded_tensors": len(result.model.coded),
-        "coded_weights": int(sum(result.model.sizes)),
+        "coded_weights": int(sum(math.prod(shape) for shape in result.model.shapes)),
+        "coded_variables": int(sum(result.model.sizes)),
+        "hashed": {n: t.free for n, t in result.model.tying.items()},
         "blocks": result.layout.num_blocks,
         "bits_per_block": config.bits_per_block,
         "kl_margin": config.kl_margin,

@@ -83,6 +83,21 @@ class MeanKL(nn.Module):
         sigma = meankl_sigma(mu, kappa, zero, rho, strict=False)
         return mu, sigma
 
+    @torch.no_grad()
+    def load_distribution(self, mu: torch.Tensor, sigma: torch.Tensor, rho: torch.Tensor) -> None:
+        """Take the posterior ``(mu, sigma)``: each block's budget becomes its KL, the shares and
+        prior shifts are those of the given weights (inverting :meth:`distribution` up to the
+        Lambert W branch: a weight with ``sigma > rho`` comes back with the other root)."""
+        mu, sigma, rho = (t.to(torch.float64) for t in (mu, sigma, rho))
+        kappa = kl_gaussian(mu, sigma, torch.zeros((), dtype=torch.float64, device=mu.device), rho)
+        budget = segment_sum(kappa, self.block_of, self.num_blocks)
+        self.budget_nats.copy_(budget)
+        floor = _KAPPA_FLOOR / self.sizes.to(torch.float64)[self.block_of]
+        share = (kappa / budget[self.block_of] - floor) / (1.0 - _KAPPA_FLOOR)
+        self.tau.copy_(torch.log(share.clamp(min=1e-300)).to(self.tau.dtype))
+        ratio = mu / (mean_bound(self._kappa(self.tau.detach()), rho) * _TANH_CAP)
+        self.gamma.copy_(torch.atanh(ratio.clamp(-1 + 1e-7, 1 - 1e-7)).to(self.gamma.dtype))
+
     def penalty(self, kl_per_block: torch.Tensor, num_train: int) -> torch.Tensor:
         """Mean-KL meets the budget by construction: nothing to add to the task loss."""
         return kl_per_block.new_zeros(())
@@ -123,8 +138,18 @@ class MeanVar(nn.Module):
     def distribution(self, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mu.to(torch.float64), torch.exp(self.log_sigma.to(torch.float64))
 
+    @torch.no_grad()
+    def load_distribution(self, mu: torch.Tensor, sigma: torch.Tensor, rho: torch.Tensor) -> None:
+        """Take the posterior ``(mu, sigma)`` as it is (annealing state is kept)."""
+        self.mu.copy_(mu.to(self.mu.dtype))
+        self.log_sigma.copy_(torch.log(sigma.to(torch.float64)).to(self.log_sigma.dtype))
+
     def penalty(self, kl_per_block: torch.Tensor, num_train: int) -> torch.Tensor:
         return (self.beta * kl_per_block).sum() / num_train
+
+    @torch.no_grad()
+    def load_budget(self, budget_nats: torch.Tensor) -> None:
+        self.budget_nats.copy_(budget_nats.to(torch.float64))
 
     @torch.no_grad()
     def after_step(self, kl_per_block: torch.Tensor, beta_step: float) -> None:

@@ -52,8 +52,13 @@ def training_layout(
     bits_per_weight: float,
     seed: int,
     kl_margin: float = 0.0,
+    blocks: dict[str, int] | None = None,
 ) -> TrainingLayout:
-    """The block layout of the coded tensors ``shapes`` (name -> shape, in coding order).
+    """The block layout of the coded tensors ``shapes`` (name -> shape of the coded variables,
+    in coding order; a hashed tensor's is ``(free,)``).
+
+    Block counts come from ``bits_per_weight`` (the encoder's rule), or are given (``blocks``,
+    e.g. from a target file size: :func:`mlcompress.posterior.budget.target_blocks`).
 
     Every block's KL budget is ``bits_per_block - kl_margin`` bits, coded with ``2^bits_per_block``
     candidates: a margin gives importance sampling ``2^margin`` times more candidates than
@@ -72,7 +77,7 @@ def training_layout(
     offset = 0
     for name, shape in shapes.items():
         numel = math.prod(shape)
-        count = blocks_for_budget(numel, bits_per_weight, bits_per_block, name)
+        count = blocks[name] if blocks is not None else blocks_for_budget(numel, bits_per_weight, bits_per_block, name)
         layout = BlockLayout(numel=numel, num_blocks=count, seed=layout_seed)
         block_of_slot = torch.repeat_interleave(torch.arange(count), layout.block_sizes())
         block_of = torch.empty(numel, dtype=torch.int64)

@@ -3,10 +3,10 @@
 The wrapped model is never modified: a forward pass hands it sampled weights through
 ``torch.func.functional_call``, so any architecture works, including plug-in tasks' models.
 
-* **Which weights.** By default the ``weight`` of every ``nn.Linear`` and convolution that the
-  REC encoder would code (:func:`default_coded_names`: at least 2-D and ``min_rec_numel``
-  weights, the encoder's own rule); biases, norms and small tensors stay deterministic. They
-  are trained too, and the encoder stores them losslessly.
+* **Which weights.** By default every floating-point parameter (:func:`default_coded_names`),
+  biases included, as MIRACLE codes every variable; the rest (buffers) stays as it is. A
+  hashed tensor's posterior is over its free variables (:class:`~mlcompress.codecs.rec.hashing.Tying`),
+  expanded to the weights in every forward pass.
 * **Coding prior.** Zero-mean Gaussian with one learned std ``rho`` per coded tensor, as in
   MIRACLE (initialised to the tensor's RMS, so it starts on the scale of the trained weights).
   The encoder draws its candidates from exactly this prior, which is why it is saved with the
@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
-from torch.nn.modules.conv import _ConvNd
 
-from mlcompress.codecs.rec.limits import DEFAULT_MIN_REC_NUMEL, is_rec_candidate
+from mlcompress.codecs.rec.hashing import Tying
+from mlcompress.posterior.pretrain import project
 from mlcompress.posterior.parameterization import (
     MEAN_KL,
     MEAN_VAR,
@@ -46,17 +46,11 @@ from mlcompress.posterior.parameterization import (
 _VAR_EPS = 1e-20
 
 
-def default_coded_names(model: nn.Module, min_numel: int = DEFAULT_MIN_REC_NUMEL) -> list[str]:
-    """Names of the parameters that get a posterior by default: the weights of Linear and
-    convolution layers that the REC encoder would code (floating point, at least 2-D, at least
-    ``min_numel`` weights: :func:`mlcompress.rec.compress.is_rec_candidate`)."""
-    names = []
-    for module_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, (nn.Linear, _ConvNd)) and isinstance(weight, nn.Parameter):
-            if is_rec_candidate(weight, min_numel):
-                names.append(f"{module_name}.weight" if module_name else "weight")
-    return names
+def default_coded_names(model: nn.Module, min_numel: int = 1) -> list[str]:
+    """Names of the parameters that get a posterior by default: every floating-point parameter
+    with at least ``min_numel`` values -- biases and small layers included, as in MIRACLE, which
+    codes every variable (a bias costs a share of one block, far less than storing it)."""
+    return [name for name, p in model.named_parameters() if p.is_floating_point() and p.numel() >= min_numel]
 
 
 class VariationalModel(nn.Module):
@@ -76,6 +70,7 @@ class VariationalModel(nn.Module):
         *,
         local_reparam: bool = True,
         beta_init: float = 1e-8,
+        tying: dict[str, Tying] | None = None,
     ) -> None:
         super().__init__()
         # A private copy: the wrapper freezes the coded parameters and hooks Linear layers, which
@@ -84,12 +79,23 @@ class VariationalModel(nn.Module):
         self.base = base
         params = dict(base.named_parameters())
         self.coded = list(coded)
+        self.tying = dict(tying or {})
         self.shapes = [tuple(params[name].shape) for name in self.coded]
-        self.sizes = [params[name].numel() for name in self.coded]
+        # The posterior lives on the coded *variables*: a tensor's weights, or its free
+        # variables when it is hashed (each the mean of its tied weights, signs undone: the
+        # least-squares projection, exact when the weights were trained tied).
+        self.sizes = [self.tying[n].free if n in self.tying else params[n].numel() for n in self.coded]
+        self._ties: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        pieces = []
         for name in self.coded:
             params[name].requires_grad_(False)  # replaced by the posterior in every forward
-        init = torch.cat([params[name].detach().flatten() for name in self.coded]).to(torch.float64)
-        rms = torch.stack([params[name].detach().double().pow(2).mean().sqrt() for name in self.coded])
+            flat = params[name].detach().flatten().to(torch.float64)
+            if name in self.tying:
+                self._ties[name] = self.tying[name].index_and_sign()
+                flat = project(params[name], self.tying[name])
+            pieces.append(flat)
+        init = torch.cat(pieces)
+        rms = torch.stack([p.pow(2).mean().sqrt() for p in pieces])
         self.log_rho = nn.Parameter(torch.log(rms.clamp(min=1e-8)).float())
         tensor_of = torch.repeat_interleave(torch.arange(len(self.coded)), torch.tensor(self.sizes))
         self.register_buffer("tensor_of", tensor_of, persistent=False)
@@ -103,14 +109,24 @@ class VariationalModel(nn.Module):
         else:
             raise ValueError(f"unknown parameterization {parameterization!r}")
         modules = dict(base.named_modules())
-        self._lrt: dict[str, nn.Linear] = {}
+        self._lrt: dict[str, nn.Linear] = {}  # coded weight name -> its Linear layer
+        self._lrt_bias: dict[str, nn.Linear] = {}  # coded bias name of such a layer -> the layer
         if local_reparam:
             for name in self.coded:
-                module = modules.get(name.rpartition(".")[0])
-                if type(module) is nn.Linear:
+                owner, _, leaf = name.rpartition(".")
+                module = modules.get(owner)
+                if type(module) is nn.Linear and leaf == "weight":
                     self._lrt[name] = module
                     module.register_forward_hook(self._lrt_hook)
-        self._active: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Generator | None]] = {}
+            for name in self.coded:
+                owner, _, leaf = name.rpartition(".")
+                if leaf == "bias" and f"{owner}.weight" in self._lrt:
+                    self._lrt_bias[name] = self._lrt[f"{owner}.weight"]
+        self._active: dict[nn.Module, tuple] = {}
+        # Progressive coding: variables already coded are fixed at their decoded values.
+        total = int(sum(self.sizes))
+        self.register_buffer("fixed_mask", torch.zeros(total, dtype=torch.bool), persistent=True)
+        self.register_buffer("fixed_value", torch.zeros(total, dtype=torch.float64), persistent=True)
 
     # -- the distribution -------------------------------------------------------------------------
 
@@ -123,24 +139,54 @@ class VariationalModel(nn.Module):
         return torch.exp(self.log_rho.to(torch.float64))
 
     def distribution(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flat per-weight ``(mu, sigma, rho)`` of all coded weights, float64, differentiable."""
+        """Flat per-variable ``(mu, sigma, rho)`` of all coded variables, float64, differentiable.
+
+        Fixed variables (:meth:`fix`) have their decoded value as mean and ``sigma = 0``.
+        """
         rho = self.prior_std()[self.tensor_of]
         mu, sigma = self.q.distribution(rho)
+        if self.fixed_mask.any():
+            mu = torch.where(self.fixed_mask, self.fixed_value, mu)
+            sigma = torch.where(self.fixed_mask, torch.zeros_like(sigma), sigma)
         return mu, sigma, rho
 
     def kl_per_block(self, dist: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """KL of every block to the prior, in nats (float64)."""
+        """KL of every block to the prior, in nats (float64); 0 for blocks already coded."""
         mu, sigma, rho = self.distribution() if dist is None else dist
+        if self.fixed_mask.any():  # coded blocks cost nothing more; keep their terms finite
+            mu = torch.where(self.fixed_mask, torch.zeros_like(mu), mu)
+            sigma = torch.where(self.fixed_mask, rho.to(sigma.dtype), sigma)
         return block_kl(mu, sigma, rho, self.block_of, self.num_blocks)
+
+    @torch.no_grad()
+    def fix(self, variables: torch.Tensor, values: torch.Tensor) -> None:
+        """Fix the coded variables at flat indices ``variables`` to ``values`` (their decoded
+        values): from now on they are deterministic and carry no KL."""
+        variables = variables.to(self.fixed_mask.device)
+        self.fixed_mask[variables] = True
+        self.fixed_value[variables] = values.to(device=self.fixed_value.device, dtype=torch.float64)
 
     def trainable(self) -> list[nn.Parameter]:
         """What the optimiser updates: the posterior, the prior stds and the deterministic weights."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def split(self, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` per coded tensor, cutting a flat per-weight vector back into shapes."""
+        """``(name, variables)`` per coded tensor: a flat per-variable vector cut into tensors
+        (shaped as the weights, or 1-D free variables for hashed tensors)."""
         for name, shape, piece in zip(self.coded, self.shapes, torch.split(flat, self.sizes)):
-            yield name, piece.reshape(shape)
+            yield name, piece if name in self.tying else piece.reshape(shape)
+
+    def expand(self, name: str, variables: torch.Tensor, *, signed: bool = True) -> torch.Tensor:
+        """The weights of ``name`` from its coded variables (a hashed tensor's are gathered
+        through its tying, with the signs unless ``signed`` is False, as for a std)."""
+        if name not in self.tying:
+            return variables
+        index, sign = self._ties[name]
+        index = index.to(variables.device)
+        out = variables.index_select(0, index)
+        if signed:
+            out = out * sign.to(device=variables.device, dtype=variables.dtype)
+        return out.reshape(self.shapes[self.coded.index(name)])
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -157,15 +203,27 @@ class VariationalModel(nn.Module):
         dtype = next(iter(self.base.parameters())).dtype
         overrides: dict[str, torch.Tensor] = {}
         active = {}
+        bias_sigma = {}
         for (name, m), (_, s) in zip(self.split(mu.to(dtype)), self.split(sigma.to(dtype))):
+            if name in self.tying:
+                if sample and name not in self._lrt:
+                    # one draw per free variable, shared by its tied weights (what REC decodes)
+                    noise = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
+                    overrides[name] = self.expand(name, m + s * noise)
+                    continue
+                m, s = self.expand(name, m), self.expand(name, s, signed=False)
             if not sample:
                 overrides[name] = m
             elif name in self._lrt:
                 overrides[name] = m
                 active[self._lrt[name]] = (m, s, generator)
+            elif name in self._lrt_bias:  # its noise joins the layer's pre-activation noise
+                overrides[name] = m
+                bias_sigma[self._lrt_bias[name]] = s
             else:
                 noise = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
                 overrides[name] = m + s * noise
+        active = {module: entry + (bias_sigma.get(module),) for module, entry in active.items()}
         with self._activated(active):
             return functional_call(self.base, overrides, (inputs,))
 
@@ -181,12 +239,18 @@ class VariationalModel(nn.Module):
         entry = self._active.get(module)
         if entry is None:
             return None
-        mu, sigma, generator = entry
+        mu, sigma, generator, bias_sigma = entry
         (x,) = args
         if x.dim() != 2:
             # Several positions per example share one weight draw: sample the weights instead.
             noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            return F.linear(x, mu + sigma * noise, module.bias)
-        std = torch.sqrt(F.linear(x * x, sigma * sigma) + _VAR_EPS)
+            bias = module.bias
+            if bias_sigma is not None:
+                bias = bias + bias_sigma * torch.randn(bias.shape, generator=generator, device=bias.device, dtype=bias.dtype)
+            return F.linear(x, mu + sigma * noise, bias)
+        var = F.linear(x * x, sigma * sigma)
+        if bias_sigma is not None:
+            var = var + bias_sigma * bias_sigma
+        std = torch.sqrt(var + _VAR_EPS)
         noise = torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
         return output + std * noise

@@ -18,136 +18,34 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from mlcompress.assembly import base_metadata, default_output, smallest_lossless
 from mlcompress.atomic import check_destination
 from mlcompress.checkpoint import load_checkpoint
+from mlcompress.codecs.rec import compact_prior
 from mlcompress.codecs.rec.counter import fmix32_int
 from mlcompress.codecs.rec.layout import BlockLayout
-from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_BLOCK, MAX_BLOCK_WEIGHTS, blocks_for_budget,
+from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_BLOCK, blocks_for_budget,
                                           is_rec_candidate)
-from mlcompress.codecs.rec.payload import encode_indices
 from mlcompress.container import Alias, EncodedTensor, file_size, open_mrc, shared_storage_aliases, write_encoded
 from mlcompress.device import resolve_device
-from mlcompress.errors import CodecError, InputError, UsageError
+from mlcompress.errors import InputError, UsageError
 from mlcompress.format.dtypes import dtype_name
 from mlcompress.options import Rec
 from mlcompress.posterior.datafree import datafree_posterior
 from mlcompress.posterior.file import Posterior, is_posterior_file, load_posterior
-from mlcompress.posterior.meankl import NATS_PER_BIT, kl_gaussian
-from mlcompress.progress import Progress, report
-from mlcompress.rec.encoder import score_coefficients, select_candidates
+from mlcompress.posterior.meankl import NATS_PER_BIT
+from mlcompress.progress import Progress
+from mlcompress.rec.blocks import RecItem, choose_indices, item_payloads, posterior_item
+from mlcompress.rec.progressive import progressive_indices
+from mlcompress.tasks import get_task
 from mlcompress.report import Report
 
-__all__ = ["RecItem", "rec_params", "coefficient_matrix", "encode_items", "encode_rec"]
-
-@dataclass
-class RecItem:
-    """One tensor to REC-code: its posterior, its prior and its block layout."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    mean: torch.Tensor  # float32 [numel]
-    std: torch.Tensor  # float32 [numel]
-    prior_mean: float
-    prior_std: float
-    layout: BlockLayout
-    kl_blocks: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # nats per block
-
-    def block_kl(self) -> torch.Tensor:
-        """KL(q || p) of each block in nats (float64), computed from the posterior if not given."""
-        if self.kl_blocks.numel() == self.layout.num_blocks:
-            return self.kl_blocks
-        kl = kl_gaussian(
-            self.mean.double(), self.std.double(),
-            torch.tensor(self.prior_mean, dtype=torch.float64), torch.tensor(self.prior_std, dtype=torch.float64),
-        )
-        block_of = torch.repeat_interleave(torch.arange(self.layout.num_blocks), self.layout.block_sizes())
-        by_position = kl[self.layout.flat_index()]
-        return torch.zeros(self.layout.num_blocks, dtype=torch.float64).index_add_(0, block_of, by_position)
-
-
-def rec_params(item: RecItem, *, bits: int, seed: int, selection: str, index_coding: str) -> dict[str, Any]:
-    """The ``rec`` record params: all the decoder needs, plus a KL summary for ``inspect``."""
-    kl_bits = item.block_kl() / NATS_PER_BIT
-    return {
-        "bits": bits,
-        "blocks": item.layout.num_blocks,
-        "seed": seed,
-        "layout_seed": item.layout.seed,
-        "prior_mean": float(np.float32(item.prior_mean)),
-        "prior_std": float(np.float32(item.prior_std)),
-        "selection": selection,
-        "index_coding": index_coding,
-        "kl_bits_mean": round(float(kl_bits.mean()), 4),
-        "kl_bits_max": round(float(kl_bits.max()), 4),
-    }
-
-
-def coefficient_matrix(items: list[RecItem], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)`` float32 ``[total blocks, width]``: score coefficients of every block of every
-    item, in item order, slot ``j`` of a block in column ``j``, short blocks padded with zeros."""
-    total = sum(it.layout.num_blocks for it in items)
-    a_all = torch.zeros(total, width, dtype=torch.float32)
-    b_all = torch.zeros(total, width, dtype=torch.float32)
-    row = 0
-    for it in items:
-        a, b = score_coefficients(it.mean, it.std, torch.tensor(it.prior_mean), torch.tensor(it.prior_std))
-        slots = it.layout.block_index_matrix()
-        valid = slots >= 0
-        rows = slice(row, row + it.layout.num_blocks)
-        a_all[rows, : slots.shape[1]][valid] = a[slots[valid]]
-        b_all[rows, : slots.shape[1]][valid] = b[slots[valid]]
-        row += it.layout.num_blocks
-    return a_all, b_all
-
-
-def encode_items(
-    items: list[RecItem],
-    *,
-    bits: int,
-    seed: int,
-    selection: str = "is",
-    index_coding: str = "auto",
-    device: torch.device | str = "cpu",
-    progress: Progress | None = None,
-) -> list[tuple[bytes, dict[str, Any]]]:
-    """``(payload, params)`` of each item, choosing all blocks of all items jointly."""
-    for it in items:
-        if it.layout.max_block_size > MAX_BLOCK_WEIGHTS:
-            raise CodecError(
-                f"{it.name}: blocks of {it.layout.max_block_size} weights exceed the limit of {MAX_BLOCK_WEIGHTS}",
-                hint="raise the bits per weight or lower --bits-per-block",
-            )
-    width = max(it.layout.max_block_size for it in items)
-    a, b = coefficient_matrix(items, width)
-    indices = select_candidates(a, b, bits=bits, seed=seed, selection=selection, device=device,
-                                progress=lambda done, total: report(progress, "REC blocks", done, total, "blocks"))
-    results = []
-    row = 0
-    for it in items:
-        chosen = indices[row : row + it.layout.num_blocks].numpy()
-        row += it.layout.num_blocks
-        coding = index_coding
-        payload = encode_indices(chosen, bits, "fixed")
-        if index_coding in ("auto", "entropy") and selection == "orc":
-            coded = encode_indices(chosen, bits, "entropy")
-            if index_coding == "entropy" or len(coded) < len(payload):
-                payload, coding = coded, "entropy"
-            else:
-                coding = "fixed"
-        elif index_coding == "auto":
-            coding = "fixed"
-        results.append((payload, rec_params(it, bits=bits, seed=seed, selection=selection, index_coding=coding)))
-    return results
-
+__all__ = ["encode_rec"]
 
 def _layout_seed(options: Rec) -> int:
     if options.layout_seed is not None:
@@ -161,7 +59,7 @@ def _overhead(others: list[EncodedTensor], rec_shapes: list[tuple[str, tuple[int
     alignment padding."""
     widest = {"bits": 24, "blocks": 2**31, "seed": 2**64 - 1, "layout_seed": 2**64 - 1,
               "prior_mean": -1.2345678901234567e-10, "prior_std": 1.2345678901234567e-10, "selection": "greedy",
-              "index_coding": "entropy", "kl_bits_mean": 123456.1234, "kl_bits_max": 123456.1234}
+              "index_coding": "entropy"}
     entries = list(others) + [EncodedTensor(n, s, d, "rec", widest, b"") for n, s, d in rec_shapes]
     return file_size(entries, metadata) + 8 * len(rec_shapes)
 
@@ -206,8 +104,8 @@ def encode_rec(
         if tensors is None:
             tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
 
-    metadata = base_metadata(src, {"method": "rec", "bits_per_block": bits, "selection": options.selection,
-                                   "seed": options.seed})
+    # The bits, seeds and selection are in the records; a REC header keeps only the method.
+    metadata = base_metadata(None, {"method": "rec"})
     aliases: dict[str, str] = {}
     if posterior is not None:
         order = list(posterior.tensors) + list(posterior.fixed)
@@ -230,18 +128,29 @@ def encode_rec(
     others = {n: smallest_lossless(n, t) for n, t in plain.items()}
 
     if posterior is not None:
-        items = [RecItem(n, tuple(pt.mean.shape), "float32", pt.mean.reshape(-1), pt.std.reshape(-1), pt.prior_mean,
-                         pt.prior_std, BlockLayout(pt.mean.numel(), pt.num_blocks, posterior.layout_seed))
-                 for n, pt in posterior.tensors.items()]
+        items = [posterior_item(n, pt, posterior.layout_seed) for n, pt in posterior.tensors.items()]
     else:
         items = _datafree_items(tensors, rec_names, bits, options, list(others.values()), metadata)
 
-    coded = encode_items(items, bits=bits, seed=options.seed, selection=options.selection,
-                         index_coding=options.index_coding, device=device, progress=progress)
+    progressive: dict[str, Any] = {}
+    if options.progressive:
+        if posterior is None:
+            raise UsageError("progressive coding (--task) needs a posterior file (fit-posterior's output)",
+                             hint="fit one with mlcompress fit-posterior, or drop --task")
+        state_path = dst.with_name(dst.name + ".progress")
+        indices, progressive = progressive_indices(items, posterior, get_task(options.task, options.data), options,
+                                                   bits=bits, device=device, state_path=state_path, progress=progress)
+    else:
+        indices = choose_indices(items, bits=bits, seed=options.seed, selection=options.selection, device=device,
+                                 progress=progress)
+    coded = item_payloads(items, indices, bits=bits, seed=options.seed, selection=options.selection,
+                          index_coding=options.index_coding)
     rec_entries = {it.name: EncodedTensor(it.name, it.shape, it.dtype, "rec", params, payload)
                    for it, (payload, params) in zip(items, coded)}
     entries = [Alias(n, aliases[n]) if n in aliases else rec_entries.get(n) or others[n] for n in order]
     write_encoded(dst, entries, metadata, force=force)
+    if progressive:
+        state_path.unlink(missing_ok=True)
     blocks = sum(it.layout.num_blocks for it in items)
     kl = torch.cat([it.block_kl() for it in items]) / NATS_PER_BIT
     details = {
@@ -256,6 +165,7 @@ def encode_rec(
         "index_bits_fixed": blocks * bits,
         "index_bits_stored": 8 * sum(len(p) for p, _ in coded),
         "device": str(device),
+        **progressive,
     }
     return Report.of(open_mrc(dst), "rec", time.perf_counter() - start, details)
 
@@ -285,5 +195,5 @@ def _datafree_items(tensors: Mapping[str, torch.Tensor], rec_names: list[str], b
         layout = BlockLayout(numels[n], blocks_for_budget(numels[n], bpw, bits, n, floor=floor), seed)
         mean, std, rho, kl = datafree_posterior(tensors[n], layout, bits)
         items.append(RecItem(n, tuple(tensors[n].shape), dtype_name(tensors[n].dtype), mean.reshape(-1),
-                             std.reshape(-1), 0.0, rho, layout, kl))
+                             std.reshape(-1), 0.0, compact_prior(rho), layout, kl))
     return items

@@ -195,6 +195,7 @@ def select_candidates(
     selection: str = "is",
     device: torch.device | str = "cpu",
     block_offset: int = 0,
+    block_ids: torch.Tensor | None = None,
     group_size: int = _DEFAULT_GROUP,
     chunk_size: int | None = None,
     progress: Progress | None = None,
@@ -206,7 +207,9 @@ def select_candidates(
     block in chunks of ``chunk_size`` candidates (a power of two, at least one :data:`SEGMENT`;
     default: what fits a fixed memory budget) and groups of ``group_size`` blocks.
     ``block_offset`` numbers the blocks for the selection randomness (``"is"``): block ``i`` here
-    is block ``block_offset + i`` of the encode. ``progress(blocks_done, blocks_total)`` is called after every chunk.
+    is block ``block_offset + i`` of the encode, unless ``block_ids`` (int64 ``[B]``) numbers them
+    one by one (progressive coding selects scattered blocks of the encode).
+    ``progress(blocks_done, blocks_total)`` is called after every chunk.
     """
     _check_args(a, b, bits, selection)
     device = torch.device(device)
@@ -222,7 +225,10 @@ def select_candidates(
         g1 = min(num_blocks, g0 + group)
         # [a, b] per block against [z^2, z] per candidate: one product, inner size 2D
         coef = torch.cat([a[g0:g1], b[g0:g1]], 1).to(device=device, dtype=torch.float32)
-        ids = torch.arange(block_offset + g0, block_offset + g1, dtype=torch.int64, device=device)
+        if block_ids is not None:
+            ids = block_ids[g0:g1].to(device=device, dtype=torch.int64)
+        else:
+            ids = torch.arange(block_offset + g0, block_offset + g1, dtype=torch.int64, device=device)
         selector: _Selector = _SELECTORS[selection](ids, seed)
         # scores[block, candidate] (rows contiguous per block for the selection passes), in one
         # buffer reused by every chunk: no fresh pages to fault in each time

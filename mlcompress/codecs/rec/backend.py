@@ -161,6 +161,14 @@ class _Numpy(Backend):
         """Words read as unsigned, as float64 (exact)."""
         return w.astype(np.float64)
 
+    def high_bit(self, w: Any) -> Any:
+        """Boolean array: bit 31 of each word is set."""
+        return w >= np.uint32(1 << 31)
+
+    def negate_where(self, x: Any, mask: Any) -> Any:
+        """``x`` with the elements under ``mask`` negated, in place (a sign flip: exact)."""
+        return np.negative(x, out=x, where=mask)
+
     def float32(self, v: Any, like: Any) -> Any:
         """``v`` (a number or an array) rounded to float32, to combine with ``like``."""
         return np.asarray(v, dtype=np.float32)
@@ -235,6 +243,12 @@ class _Torch(Backend):
 
     def unsigned_f64(self, w: Any) -> Any:
         return from_int32(w).to(torch.float64)
+
+    def high_bit(self, w: Any) -> Any:
+        return w < 0  # int32 bit patterns: bit 31 is the sign
+
+    def negate_where(self, x: Any, mask: Any) -> Any:
+        return x.copy_(torch.where(mask, x.neg(), x))
 
     def float32(self, v: Any, like: Any) -> Any:
         # A float32 tensor, not a Python float: the product is then float32 * float32 on every

@@ -39,6 +39,8 @@ __all__ = [
     "STREAM_LAYOUT",
     "STREAM_SELECTION",
     "STREAM_ARRIVALS",
+    "STREAM_TYING",
+    "STREAM_SIGNS",
 ]
 
 M1 = 0x85EBCA6B  # murmur3 fmix32 multipliers
@@ -54,6 +56,8 @@ STREAM_CANDIDATES = 0  # standard normal candidates, (candidate index, coordinat
 STREAM_LAYOUT = 1  # Feistel round tables of the block layout
 STREAM_SELECTION = 2  # uniforms of importance sampling, (segment, block)
 STREAM_ARRIVALS = 3  # Exp(1) inter-arrival times of ordered random coding, (0, candidate)
+STREAM_TYING = 4  # Feistel round tables of the hashing trick's weight -> free variable map
+STREAM_SIGNS = 5  # random signs of the hashing trick, (0, flat weight index)
 
 
 def _finalize(b: Backend, x: Any, tmp: Any = None) -> Any:

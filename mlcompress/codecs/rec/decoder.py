@@ -31,6 +31,7 @@ from mlcompress.lazy import torch
 
 from mlcompress.codecs.rec.backend import backend
 from mlcompress.codecs.rec.counter import STREAM_CANDIDATES, col_hash, stream_key
+from mlcompress.codecs.rec.hashing import Tying
 from mlcompress.codecs.rec.layout import BlockLayout, Permutation
 from mlcompress.codecs.rec.sampler import candidate_weights, code_grid, normal_table
 
@@ -112,19 +113,23 @@ def decode_weights(
     prior_mean: float,
     prior_std: float,
     device: torch.device | str = "cpu",
+    tying: Tying | None = None,
 ) -> torch.Tensor:
     """float32 ``[layout.numel]`` torch tensor of the chosen candidates' weights, on ``device``.
 
     :func:`decode_flat` in numpy on the CPU (same bits, lower fixed cost per tensor), in torch
-    elsewhere.
+    elsewhere. With ``tying`` (the hashing trick) the layout covers its free variables and the
+    result is the ``[tying.numel]`` tensor they expand to.
     """
     device = torch.device(device)
     if device.type != "cpu":
         return decode_weights_torch(layout, indices, seed=seed, prior_mean=prior_mean, prior_std=prior_std,
-                                    device=device)
+                                    device=device, tying=tying)
     if isinstance(indices, torch.Tensor):
         indices = indices.cpu().numpy()
     flat = decode_flat(layout, indices, seed=seed, prior_mean=prior_mean, prior_std=prior_std, xp=np)
+    if tying is not None:
+        flat = tying.expand(flat, xp=np)
     return torch.from_numpy(flat)
 
 
@@ -136,8 +141,10 @@ def decode_weights_torch(
     prior_mean: float,
     prior_std: float,
     device: torch.device | str = "cpu",
+    tying: Tying | None = None,
 ) -> torch.Tensor:
     """:func:`decode_weights` computed with torch ops on ``device`` (on CUDA, what it runs)."""
     device = torch.device(device)
-    return decode_flat(layout, torch.as_tensor(indices).to(device), seed=seed, prior_mean=prior_mean,
+    flat = decode_flat(layout, torch.as_tensor(indices).to(device), seed=seed, prior_mean=prior_mean,
                        prior_std=prior_std, xp=torch, device=device)
+    return tying.expand(flat, xp=torch, device=device) if tying is not None else flat

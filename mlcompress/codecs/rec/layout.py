@@ -148,16 +148,18 @@ class Permutation:
     Written once for numpy and torch (:mod:`.backend`): values are int32 in both, and every
     step below is an exact integer operation, so both give the same bits. The round tables are
     built once per instance; :meth:`rounds` is one pass of the network, calling the instance
-    adds cycle walking.
+    adds cycle walking. ``stream`` keys the round tables: the block layout's own (1), or the
+    hashing trick's (:mod:`.hashing`), which reuses the network on another key.
     """
 
-    def __init__(self, layout: BlockLayout, *, xp: Any = torch, device: Any = "cpu") -> None:
+    def __init__(self, layout: BlockLayout, *, xp: Any = torch, device: Any = "cpu",
+                 stream: int = STREAM_LAYOUT) -> None:
         b = self._b = backend(xp)
         self._xp = xp
         self.numel = layout.numel
         self.device = device
         a, m, r = self.a, self.m, self.r = layout._sides()
-        key = stream_key(layout.seed, STREAM_LAYOUT)
+        key = stream_key(layout.seed, stream)
         # All rounds in one grid of hashes (one call per op instead of one per round and op):
         # T_t[v] = fmix32(row(t) ^ col(v)) under the layout key.
         rows = row_hash(key, b.arange_words(FEISTEL_ROUNDS, device), xp=xp)

@@ -134,8 +134,9 @@ def decode_indices(payload: bytes | memoryview, blocks: int, bits: int, coding: 
             raise MrcFormatError("REC payload has coded words for a single bucket")
         bucket = np.full(blocks, present[0] if present.size else 0, dtype=np.int64)
     else:
-
         words = np.frombuffer(view, dtype="<u4", count=n_words, offset=head + _LEN.size).astype(np.uint32)
+        if n_words and words[-1] == 0:  # never written; constriction raises a plain ValueError
+            raise MrcFormatError("REC bucket stream is damaged (its last word is zero)")
         coder = constriction.stream.stack.AnsCoder(words)
         try:
             rank = coder.decode(_bucket_model(counts[present]), blocks)
