@@ -216,3 +216,14 @@ def test_short_floats_round_trip_as_float32():
         assert struct.pack("<f", s) == struct.pack("<f", x)
         c = compact_prior(x)
         assert x > 1e38 or len(repr(short_float32(c))) <= 7
+
+
+def test_the_spec_quotes_the_preset_dictionary_exactly():
+    import zlib
+
+    from mlcompress.format.header import PRESET_DICTIONARY
+
+    text = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    quoted = [line.strip() for line in text.splitlines() if line.strip().startswith('"alias_of":')]
+    assert quoted and quoted[0].encode() == PRESET_DICTIONARY
+    assert len(PRESET_DICTIONARY) == 474 and zlib.crc32(PRESET_DICTIONARY) == 0x04F25BF1

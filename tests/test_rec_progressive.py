@@ -54,7 +54,8 @@ def test_retraining_between_groups_beats_one_shot_at_the_same_size(digits, poste
                              options=Rec(task="mlp-digits", retrain_steps=60, device="cpu"))
     # the same blocks: the files differ only by the header's CRC digits and its alignment padding
     assert progressive["blocks"] == one_shot["blocks"] and abs(progressive.file_bytes - one_shot.file_bytes) <= 8
-    assert progressive["groups"] == 10 and len(progressive["history"]) == 10
+    assert sum(progressive["group_sizes"]) == progressive["blocks"] and progressive["group_sizes"][-1] == 1
+    assert len(progressive["history"]) == progressive["groups"]
     a_one, a_prog = _accuracy(digits, tmp_path / "one.mrc"), _accuracy(digits, tmp_path / "prog.mrc")
     assert a_prog > a_one + 0.01, (a_prog, a_one)
     # the accuracy the encoder reported for its last group is the decoded file's
@@ -85,6 +86,13 @@ def test_a_resumed_run_gives_the_same_file(posterior, tmp_path):
                if u.phase == "REC progressive" else None)
     assert done[0] > 180  # continued after the groups already coded
     assert (tmp_path / "whole.mrc").read_bytes() == (tmp_path / "resumed.mrc").read_bytes()
+
+
+def test_default_groups_halve_what_is_left():
+    from mlcompress.rec.progressive import group_sizes
+
+    assert group_sizes(1400, None) == [700, 350, 175, 87, 44, 22, 11, 5, 3, 1, 1, 1]
+    assert group_sizes(10, 4) == [4, 4, 2] and group_sizes(1, None) == [1]
 
 
 def test_coding_order_interleaves_tensors():

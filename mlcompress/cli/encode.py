@@ -32,7 +32,7 @@ def encode(
     task: options.OptionalTask = None,
     data: options.DataDir = None,
     retrain_steps: Annotated[int, typer.Option("--retrain-steps", help="Progressive REC (needs --task and a posterior file): retrain the blocks not yet coded this many steps after each group.")] = 0,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Progressive REC: blocks coded per group (default: a tenth of all blocks).")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Progressive REC: blocks coded per group (default: half of the blocks not yet coded, each time).")] = None,
     device: options.Device = "auto",
     force: options.Force = False,
     unsafe_pickle: options.UnsafePickle = False,

@@ -49,7 +49,7 @@ def evaluate_file(
             state = dict(posterior.fixed)
             for name, q in posterior.tensors.items():
                 noise = torch.randn(q.mean.shape, generator=generator) if samples else 0.0
-                state[name] = q.mean + q.std * noise
+                state[name] = posterior.weights(name, q.mean + q.std * noise)
             draws.append(evaluate_model(task, load_task_model(task, state, dev), device=dev))
         result = _mean_of(draws)
         if samples > 1:

@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mlcompress.atomic import atomic_output
+from mlcompress.codecs.rec.hashing import Tying
 from mlcompress.codecs.rec.limits import MAX_BITS_PER_BLOCK, MIN_BITS_PER_BLOCK
 from mlcompress.errors import InputError
 
@@ -99,6 +100,16 @@ class Posterior:
         # Accept 20.0 for 20: training code often carries the budget as a float.
         if isinstance(self.bits_per_block, float) and self.bits_per_block.is_integer():
             self.bits_per_block = int(self.bits_per_block)
+
+    def weights(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights of the coded tensor ``name`` (its shape) from per-variable ``values`` (default
+        its means): a hashed tensor's free variables expanded through its tying."""
+        pt = self.tensors[name]
+        values = pt.mean if values is None else values
+        if not pt.hashed:
+            return values.reshape(pt.tensor_shape)
+        tying = Tying(math.prod(pt.shape), pt.mean.numel(), self.layout_seed)
+        return tying.expand(values.reshape(-1).to(torch.float32)).reshape(pt.tensor_shape)
 
     def validate(self, where: str = "posterior") -> None:
         """Raise :class:`InputError` on anything the encoder could not use, naming the tensor."""

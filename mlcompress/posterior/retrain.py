@@ -43,10 +43,7 @@ def variational_from_posterior(task: Task, posterior: Posterior, *, device: torc
     state = base.state_dict()
     tying = {name: Tying(math.prod(pt.shape), pt.mean.numel(), posterior.layout_seed)
              for name, pt in posterior.tensors.items() if pt.hashed}
-    values = {}
-    for name, pt in posterior.tensors.items():
-        mean = tying[name].expand(pt.mean.reshape(-1).float()) if name in tying else pt.mean
-        values[name] = mean.reshape(pt.tensor_shape)
+    values = {name: posterior.weights(name) for name in posterior.tensors}
     values.update(posterior.fixed)
     check_state_dict_fits(task, values)
     missing = [n for n in state if n not in values]

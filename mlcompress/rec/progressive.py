@@ -2,6 +2,8 @@
 
 ``mlcompress encode posterior.safetensors --task T --retrain-steps N [--group-size G]``.
 
+* **Groups.** Half of the blocks still free each time (:func:`group_sizes`), or
+  ``--group-size`` blocks each.
 * **Order.** Blocks are interleaved across tensors: each group takes the same fraction of every
   tensor's blocks (block ``b`` of a tensor with ``B`` blocks has rank ``(b + 1/2) / B``), so
   every layer keeps free blocks to compensate with until the last group.
@@ -19,7 +21,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,8 @@ from mlcompress.progress import Progress, report
 from mlcompress.rec.blocks import RecItem, choose_indices
 from mlcompress.tasks import Task
 
-__all__ = ["DEFAULT_GROUPS", "coding_order", "progressive_indices"]
+__all__ = ["group_sizes", "coding_order", "progressive_indices"]
 
-#: Groups when ``--group-size`` is not given.
-DEFAULT_GROUPS = 10
 STATE_FORMAT = "mlcompress-progressive-state"
 
 
@@ -52,6 +51,24 @@ def coding_order(block_counts: list[int]) -> torch.Tensor:
         offset += count
     rank, block = torch.cat(ranks), torch.cat(ids)
     return block[torch.argsort(rank, stable=True)]
+
+
+def group_sizes(total: int, group_size: int | None) -> list[int]:
+    """Blocks per group: ``group_size`` each, or by default half of the blocks still free each
+    time (700, 350, 175, ... 1, 1 for 1,400 blocks).
+
+    Why halving: the blocks of the last group are never compensated for, so it should be small;
+    and early on, when most blocks are free, a large group costs little, because the many blocks
+    left can make up for it. ``log2(total) + 1`` groups in all.
+    """
+    if group_size is not None:
+        return [min(group_size, total - start) for start in range(0, total, group_size)]
+    sizes, left = [], total
+    while left > 0:
+        take = max(1, left // 2) if left > 1 else 1
+        sizes.append(take)
+        left -= take
+    return sizes
 
 
 def _fingerprint(posterior: Posterior, options: Rec, seed: int) -> str:
@@ -76,8 +93,9 @@ def progressive_indices(items: list[RecItem], posterior: Posterior, task: Task, 
     counts = [it.layout.num_blocks for it in items]
     total = sum(counts)
     order = coding_order(counts)
-    size = options.group_size or max(1, math.ceil(total / DEFAULT_GROUPS))
-    groups = [order[g : g + size] for g in range(0, total, size)]
+    sizes = group_sizes(total, options.group_size)
+    bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
+    groups = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     lr = options.retrain_lr or 0.1 * DEFAULT_LR[model.parameterization]
     batch_size = task.batch_size
     num_train = num_train_examples(task, batch_size)
@@ -132,6 +150,6 @@ def progressive_indices(items: list[RecItem], posterior: Posterior, task: Task, 
                         "history": history}, tmp)
         report(progress, "REC progressive", history[-1]["blocks_coded"], total, "blocks",
                loss=loss, metric=test.metric, metric_name=test.metric_name)
-    summary = {"groups": len(groups), "group_size": size, "retrain_steps": options.retrain_steps,
+    summary = {"groups": len(groups), "group_sizes": sizes, "retrain_steps": options.retrain_steps,
                "retrain_lr": lr, "history": history, "progressive_seconds": time.perf_counter() - started}
     return indices, summary
