@@ -100,12 +100,12 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
         return quantize_checkpoint(src, output=dst, safetensors=dequantized, force=force, unsafe_pickle=unsafe_pickle,
                                    progress=progress, **kwargs)
     if isinstance(method, Prune):
-        from mlcompress.prune import prune_checkpoint
+        from mlcompress.prune import prune_file
 
-        return prune_checkpoint(src, sparsity=method.sparsity, method=method.method, scope=method.scope,
-                                task=method.task, data=method.data, finetune_steps=method.finetune_steps,
-                                bits=method.bits, output=dst, force=force, unsafe_pickle=unsafe_pickle,
-                                seed=method.seed, device=method.device, progress=progress)
+        return prune_file(src, sparsity=method.sparsity, criterion=method.criterion, scope=method.scope,
+                          task=method.task, data=method.data, finetune_steps=method.finetune_steps,
+                          bits=method.bits, output=dst, force=force, unsafe_pickle=unsafe_pickle,
+                          seed=method.seed, device=method.device, progress=progress)
     raise UsageError(f"unknown method {method!r}", hint="use Rec(), Lossless(), Quant(), L2() or Prune()")
 
 

@@ -61,7 +61,7 @@ class Rec:
     task: str | None = None
     data: str | None = None
     retrain_steps: int = 0
-    group_size: int | None = None  # blocks per group; default: a tenth of all blocks (10 groups)
+    group_size: int | None = None  # blocks per group; default: half of the blocks still free each time
     retrain_lr: float | None = None  # default: a tenth of fit-posterior's for the parameterization
 
     @property
@@ -162,13 +162,19 @@ class L2:
 
 @dataclass(frozen=True)
 class Prune:
-    """Zero the ``sparsity`` fraction of conv/linear weights ranked by ``criterion``, optionally
-    fine-tune on ``task`` with the mask held, optionally quantize the rest to ``bits``."""
+    """Prune the ``sparsity`` fraction of conv/linear weights that ``criterion`` ranks lowest:
+    set to zero in a checkpoint, to the coding prior in a posterior file (docs/pruning.md).
+    Optionally fine-tune on ``task`` with the mask held, optionally quantize the rest to ``bits``.
+
+    ``criterion`` is ``random`` (seeded), ``magnitude`` (|w|, or |mean - prior mean| for a
+    posterior) or ``kl`` (each variable's KL to the prior; posterior files only)."""
 
     name = "prune"
+    CRITERIA = ("random", "magnitude", "kl")
+    SCOPES = ("global", "layer")
 
     sparsity: float = 0.5
-    method: str = "magnitude"
+    criterion: str = "magnitude"
     scope: str = "global"
     task: str | None = None
     data: str | None = None
@@ -179,6 +185,10 @@ class Prune:
 
     def validate(self) -> None:
         check_sparsity(self.sparsity)
+        if self.criterion not in self.CRITERIA:
+            raise UsageError(f"unknown pruning criterion {self.criterion!r}", hint=f"use one of: {', '.join(self.CRITERIA)}")
+        if self.scope not in self.SCOPES:
+            raise UsageError(f"unknown pruning scope {self.scope!r}", hint=f"use one of: {', '.join(self.SCOPES)}")
         if self.finetune_steps < 0:
             raise UsageError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
         if self.finetune_steps and not self.task:

@@ -108,7 +108,7 @@ def test_prune_magnitude_global_and_layer(digits_ckpt):
     weights = ["fc1.weight", "fc2.weight"]
     total = sum(tensors[n].numel() for n in weights)
     for scope in ("global", "layer"):
-        masks = prune_masks(tensors, 0.7, method="magnitude", scope=scope)
+        masks = prune_masks(tensors, 0.7, criterion="magnitude", scope=scope)
         assert set(masks) == set(weights)  # biases are never pruned
         pruned = apply_masks(tensors, masks)
         if scope == "global":
@@ -119,8 +119,8 @@ def test_prune_magnitude_global_and_layer(digits_ckpt):
         else:
             for n in weights:
                 assert int(masks[n].sum()) == round(0.7 * tensors[n].numel())
-    r1 = prune_masks(tensors, 0.5, method="random", seed=3)
-    r2 = prune_masks(tensors, 0.5, method="random", seed=3)
+    r1 = prune_masks(tensors, 0.5, criterion="random", seed=3)
+    r2 = prune_masks(tensors, 0.5, criterion="random", seed=3)
     assert all(torch.equal(r1[n], r2[n]) for n in weights)
 
 
