@@ -20,6 +20,14 @@ def _details(row: dict) -> str:
     details = row.get("details") or {}
     if "alias_of" in row:
         return f"same as {row['alias_of']}"
+    if row.get("codec") == "rec":  # the figures people compare, in one short line
+        text = (f"{details['blocks']} x {details['bits_per_block']} bits, "
+                f"{details['weights_per_block']:.4g} vars/block, {details['selection']}")
+        if details.get("hash_factor", 1) != 1:
+            text += f", hashed {details['hash_factor']:.3g}:1 ({details['free_variables']:,} vars)"
+        if details.get("index_coding") == "entropy":
+            text += ", entropy-coded"
+        return text
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in details.items())
 
 
@@ -36,6 +44,8 @@ def inspect(
     summary = inspection_document(report)
 
     def render(console: Console) -> None:
+        if not console.is_terminal:  # piped: rows at their natural width, never cut or wrapped
+            console = Console(width=1000, highlight=False)
         table = Table(title=str(container), show_footer=True)
         totals = summary["totals"]
         table.add_column("tensor", footer=f"{totals['tensors']} tensors")
