@@ -9,9 +9,10 @@ interrupted run continues where it stopped):
 1. the start model: ``mlcompress train --task lenet5 --epochs 3 --seed 0``;
 2. the hashed network: MIRACLE's public LeNet-5 ties fc1 50:1 and conv2 2:1 (431,080 weights ->
    26,580 free variables); it is trained tied, without KL, from the start model
-   (:func:`mlcompress.posterior.pretrain.pretrain_tied`);
+   (:func:`mlcompress.posterior.pretrain.pretrain_tied`); a second one ties twice as strongly
+   (fc1 100:1, conv2 4:1) for the smallest file;
 3. posteriors (``fit-posterior --hash ... --target-size S --kl-margin 1``): Mean-KL at about 1.5,
-   3 and 6 kB, Mean-Var at 3 kB;
+   3 and 6 kB, Mean-Var at 3 kB, and Mean-KL at 1.5 kB on the strongly tied network;
 4. progressive coding with retraining (``encode --task lenet5 --retrain-steps N``) of each;
 5. baselines on the same start model: lossless, 4-bit data-free quantization, L² at 80x;
 6. the table (docs/results.md, between the ``miracle-lenet5`` markers), the rate-error plot
@@ -41,13 +42,17 @@ from mlcompress.posterior.pretrain import pretrain_tied
 from mlcompress.tasks import evaluate_model, get_task, load_task_model
 
 ROOT = Path(__file__).resolve().parent.parent
-HASH = {"fc1.weight": 50.0, "conv2.weight": 2.0}  # MIRACLE's public LeNet-5 code
+HASHES = {
+    "miracle": {"fc1.weight": 50.0, "conv2.weight": 2.0},  # MIRACLE's public LeNet-5 code
+    "strong": {"fc1.weight": 100.0, "conv2.weight": 4.0},  # for the smallest file: ~0.9 bits per variable
+}
 PRETRAIN_STEPS = 6000
 FIT_STEPS = 8000
 RETRAIN_STEPS = 200  # per group; groups halve the blocks left (about 12 groups)
 KL_MARGIN = 1.0
 SIZES = {"1.5kB": 1500, "3kB": 3000, "6kB": 6000}
-RUNS = [("mean-kl", "1.5kB"), ("mean-kl", "3kB"), ("mean-kl", "6kB"), ("mean-var", "3kB")]
+RUNS = [("mean-kl", "1.5kB", "miracle"), ("mean-kl", "3kB", "miracle"), ("mean-kl", "6kB", "miracle"),
+        ("mean-var", "3kB", "miracle"), ("mean-kl", "1.5kB", "strong")]
 BEGIN, END = "<!-- miracle-lenet5:begin -->", "<!-- miracle-lenet5:end -->"
 
 
@@ -95,35 +100,40 @@ def main() -> int:
         log(work, "training the start model (3 epochs, seed 0)")
         timer.run("train", lambda: mlcompress.train("lenet5", start, epochs=3, seed=0, device="cpu"))
 
-    tied = work / "tied.safetensors"
-    if not tied.exists():
-        log(work, f"tied pre-training, {args.pretrain_steps} steps, hashing {HASH}")
+    tied_models = {}
+    for key, hashing in HASHES.items():
+        tied = tied_models[key] = work / ("tied.safetensors" if key == "miracle" else f"tied-{key}.safetensors")
+        if tied.exists():
+            continue
+        log(work, f"tied pre-training, {args.pretrain_steps} steps, hashing {hashing}")
         state = load_checkpoint(start)
 
-        def pretrain() -> None:
-            free = resolve_hash(HASH, {n: t.numel() for n, t in state.items() if t.is_floating_point()})
+        def pretrain(hashing=hashing, tied=tied) -> None:
+            free = resolve_hash(hashing, {n: t.numel() for n, t in state.items() if t.is_floating_point()})
             tying = {n: Tying(state[n].numel(), f, 0) for n, f in free.items()}  # layout seed = fit seed 0
             out = pretrain_tied(task, state, tying, steps=args.pretrain_steps, seed=0, device="cpu",
                                 progress=lambda u: log(work, f"  pretrain step {u.done}, loss {u.info['loss']:.4f}")
                                 if u.done % 1000 == 0 else None)
             save_checkpoint(out, tied)
 
-        timer.run("pretrain", pretrain)
-    log(work, f"start model accuracy {accuracy('lenet5', start):.4f}, tied {accuracy('lenet5', tied):.4f}")
+        timer.run(f"pretrain {key}", pretrain)
+    log(work, f"start model accuracy {accuracy('lenet5', start):.4f}, tied "
+        + ", ".join(f"{k} {accuracy('lenet5', p):.4f}" for k, p in tied_models.items()))
 
     rows = []
-    for param, size in RUNS:
-        name = f"{param}-{size}"
+    for param, size, key in RUNS:
+        name = f"{param}-{size}" + ("" if key == "miracle" else f"-{key}hash")
+        tied, hashing = tied_models[key], HASHES[key]
         post = work / f"{name}.safetensors"
         mrc = work / f"{name}.mrc"
         if not post.exists():
             ckpt = post.with_name(post.name + ".ckpt")
             log(work, f"fit {name}: {args.fit_steps} steps" + (" (resumed)" if ckpt.exists() else ""))
 
-            def fit(post=post, ckpt=ckpt, param=param, size=size) -> None:
+            def fit(post=post, ckpt=ckpt, param=param, size=size, tied=tied, hashing=hashing) -> None:
                 mlcompress.fit_posterior(
                     "lenet5", None if ckpt.exists() else tied, post, resume=ckpt.exists(), checkpoint=ckpt,
-                    device="cpu", parameterization=param, steps=args.fit_steps, hash=HASH, kl_margin=KL_MARGIN,
+                    device="cpu", parameterization=param, steps=args.fit_steps, hash=hashing, kl_margin=KL_MARGIN,
                     target_size=SIZES[size], eval_every=1000, checkpoint_every=500,
                     progress=lambda u: log(work, f"  {name} step {u.done}: loss {u.info['status'].loss_avg:.4f}"
                                            + (f", test {u.info['status'].test.metric:.4f}" if u.info['status'].test else ""))
@@ -140,7 +150,8 @@ def main() -> int:
 
             timer.run(f"encode {name}", encode)
         report = mlcompress.inspect(mrc)
-        rows.append({"method": f"REC {param}, progressive ({size})", "file": mrc, "bytes": report.file_bytes,
+        label = f"REC {param}, progressive ({size}" + ("" if key == "miracle" else f", hashing {hashing}") + ")"
+        rows.append({"method": label, "file": mrc, "bytes": report.file_bytes,
                      "ratio": report.fp32_ratio, "accuracy": accuracy("lenet5", mrc),
                      "mean_accuracy": mlcompress.evaluate("lenet5", post, device="cpu")["accuracy"]})
         log(work, f"{name}: {report.file_bytes} bytes, {report.fp32_ratio:.0f}x, accuracy {rows[-1]['accuracy']:.4f}")
@@ -204,11 +215,12 @@ def write_docs(rows: list[dict], base_acc: float, times: dict, args, convergence
     for r in rows:
         if r["method"].startswith("REC"):
             shutil.copyfile(r["file"], results / f"lenet5-{Path(r['file']).name}")
+            r["method"] += f" `docs/results/lenet5-{Path(r['file']).name}`"
         mean = f"{100 * (1 - r['mean_accuracy']):.2f}%" if "mean_accuracy" in r else ""
         lines.append(f"| {r['method']} | {r['bytes']:,} | {r['ratio']:.0f}x | {100 * (1 - r['accuracy']):.2f}% | "
                      f"{100 * (base_acc - r['accuracy']):+.2f} | {mean} |")
     total = sum(times.values())
-    lines += ["", f"Settings: hashing {HASH}, {args.pretrain_steps} tied pre-training steps, {args.fit_steps} fit steps, "
+    lines += ["", f"Settings: hashing {HASHES['miracle']} unless noted, {args.pretrain_steps} tied pre-training steps, {args.fit_steps} fit steps, "
               f"KL margin {KL_MARGIN} bit, {args.retrain_steps} retraining steps per group. Wall time on this machine: "
               f"{total / 60:.1f} min in all (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + " min).",
               "", "Steps to a training cross-entropy (100-step mean of sampled weights) with every block within 5% "
@@ -230,10 +242,15 @@ def write_docs(rows: list[dict], base_acc: float, times: dict, args, convergence
         print("matplotlib is not installed: no plot (pip install 'mlcompress[plot]')", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, marker in (("REC mean-kl", "o-"), ("REC mean-var", "s"), ("L²", "^"), ("data-free", "v"), ("lossless", "x")):
-        pts = sorted((r["bytes"], 100 * (1 - r["accuracy"])) for r in rows if r["method"].startswith(kind))
+    series = {"REC Mean-KL (MIRACLE hashing)": ("o-", lambda m: m.startswith("REC mean-kl") and "hashing" not in m),
+              "REC Mean-KL (strong hashing)": ("D", lambda m: m.startswith("REC mean-kl") and "hashing" in m),
+              "REC Mean-Var": ("s", lambda m: m.startswith("REC mean-var")),
+              "L²": ("^-", lambda m: m.startswith("L²")), "data-free 4-bit": ("v", lambda m: m.startswith("data-free")),
+              "lossless": ("x", lambda m: m.startswith("lossless"))}
+    for label, (marker, chosen) in series.items():
+        pts = sorted((r["bytes"], 100 * (1 - r["accuracy"])) for r in rows if chosen(r["method"]))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=kind)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label)
     ax.axhline(100 * (1 - base_acc), color="gray", ls="--", label="uncompressed")
     ax.set_xscale("log")
     ax.set_xlabel("file bytes (header included)")

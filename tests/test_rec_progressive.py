@@ -154,3 +154,11 @@ def test_hashing_and_pretraining_fit(digits, tmp_path):
     free = torch.zeros(1024).index_put_((index,), w * sign)
     assert torch.equal(free[index] * sign, w)
     assert json.dumps(summarize(tmp_path / "h.mrc"))  # inspect reads it
+
+
+def test_progressive_coding_of_a_plain_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "m.safetensors"))
+    got, _, err = _run(capsys, "encode", tmp_path / "m.safetensors", "--task", "mlp-digits", "-o", tmp_path / "m.mrc")
+    assert got == 2 and "needs a posterior file" in err and not (tmp_path / "m.mrc").exists()

@@ -90,6 +90,9 @@ def encode_rec(
 
     if posterior is None and tensors is None and Path(src).is_file() and is_posterior_file(src):
         posterior = load_posterior(src)
+    if options.progressive and posterior is None:
+        raise UsageError("progressive coding (--task) needs a posterior file (fit-posterior's output)",
+                         hint="fit one with mlcompress fit-posterior, or drop --task")
     if posterior is not None:
         if options.budget_given:
             raise UsageError("a posterior file fixes its own block counts; drop --bits-per-weight/--kl-budget/--target-size")
@@ -134,9 +137,7 @@ def encode_rec(
 
     progressive: dict[str, Any] = {}
     if options.progressive:
-        if posterior is None:
-            raise UsageError("progressive coding (--task) needs a posterior file (fit-posterior's output)",
-                             hint="fit one with mlcompress fit-posterior, or drop --task")
+        assert posterior is not None
         state_path = dst.with_name(dst.name + ".progress")
         indices, progressive = progressive_indices(items, posterior, get_task(options.task, options.data), options,
                                                    bits=bits, device=device, state_path=state_path, progress=progress)
