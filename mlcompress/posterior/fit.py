@@ -185,7 +185,7 @@ def build_variational(
     reference = base.state_dict()
     base.load_state_dict({name: tensor.to(reference[name].dtype) for name, tensor in init.items()})
     params = dict(base.named_parameters())
-    coded = list(config.coded) if config.coded is not None else default_coded_names(base, config.min_rec_numel)
+    coded = coded_names(config, base)
     unknown = [name for name in coded if name not in params]
     if unknown:
         raise InputError(f"cannot give a posterior to {', '.join(unknown)}: not parameters of the model")
@@ -219,6 +219,11 @@ def build_variational(
         tying=tying,
     )
     return model.to(device), layout
+
+
+def coded_names(config: FitConfig, model: torch.nn.Module) -> list[str]:
+    """The parameters that get a posterior: ``config.coded``, or the default rule."""
+    return list(config.coded) if config.coded is not None else default_coded_names(model, config.min_rec_numel)
 
 
 def tyings(config: FitConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tying]:
@@ -344,9 +349,8 @@ def fit_posterior(
         raise UsageError("fit-posterior needs --init (a trained model of the task) or --resume")
     if config.pretrain_steps and saved is None:
         base = task.make_model()
-        coded = list(config.coded) if config.coded is not None else default_coded_names(base, config.min_rec_numel)
         params = dict(base.named_parameters())
-        tied = tyings(config, {n: tuple(params[n].shape) for n in coded if n in params})
+        tied = tyings(config, {n: tuple(params[n].shape) for n in coded_names(config, base) if n in params})
         if not tied:
             raise UsageError("--pretrain-steps trains the tied (hashed) network: it needs --hash")
         init = pretrain_tied(task, init, tied, steps=config.pretrain_steps, seed=config.seed,
@@ -364,7 +368,7 @@ def fit_posterior(
         epoch_state, skip, step, history = saved["epoch_rng"], saved["batch_index"], saved["step"], saved["history"]
 
     batch_size = config.batch_size or task.batch_size
-    num_train = _num_train(task, batch_size)
+    num_train = num_train_examples(task, batch_size)
     epoch_length = steps_per_epoch(task, batch_size)
     budget_bits = config.bits_per_block - config.kl_margin
     recent: list[float] = []
@@ -441,7 +445,7 @@ def fit_posterior(
                      seconds=time.perf_counter() - started, history=history, test=test)
 
 
-def _num_train(task: Task, batch_size: int) -> int:
+def num_train_examples(task: Task, batch_size: int) -> int:
     """Training-set size (MIRACLE's KL weight is relative to the whole data set's likelihood)."""
     size = getattr(task, "train_inputs", None)
     if size is not None:

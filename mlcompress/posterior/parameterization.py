@@ -140,16 +140,15 @@ class MeanVar(nn.Module):
 
     @torch.no_grad()
     def load_distribution(self, mu: torch.Tensor, sigma: torch.Tensor, rho: torch.Tensor) -> None:
-        """Take the posterior ``(mu, sigma)`` as it is (annealing state is kept)."""
+        """Take the posterior ``(mu, sigma)`` as it is; each block's budget becomes its KL (as
+        for Mean-KL), so annealing holds the blocks at what they cost now."""
         self.mu.copy_(mu.to(self.mu.dtype))
         self.log_sigma.copy_(torch.log(sigma.to(torch.float64)).to(self.log_sigma.dtype))
+        self.budget_nats.copy_(block_kl(mu.to(torch.float64), sigma.to(torch.float64), rho, self.block_of,
+                                        self.num_blocks))
 
     def penalty(self, kl_per_block: torch.Tensor, num_train: int) -> torch.Tensor:
         return (self.beta * kl_per_block).sum() / num_train
-
-    @torch.no_grad()
-    def load_budget(self, budget_nats: torch.Tensor) -> None:
-        self.budget_nats.copy_(budget_nats.to(torch.float64))
 
     @torch.no_grad()
     def after_step(self, kl_per_block: torch.Tensor, beta_step: float) -> None:

@@ -26,10 +26,12 @@ from mlcompress.tasks import Task, check_state_dict_fits
 __all__ = ["project", "pretrain_tied"]
 
 
-def project(weights: torch.Tensor, tying: Tying) -> torch.Tensor:
+def project(weights: torch.Tensor, tying: Tying,
+            ties: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The free variables closest to ``weights`` in least squares: each the mean of its tied
-    weights with their signs undone (float64)."""
-    index, sign = tying.index_and_sign()
+    weights with their signs undone (float64). ``ties``: the tying's ``index_and_sign()``, when
+    the caller has it already."""
+    index, sign = ties if ties is not None else tying.index_and_sign()
     flat = weights.detach().reshape(-1).to(torch.float64).cpu()
     total = torch.zeros(tying.free, dtype=torch.float64).index_add_(0, index, flat * sign.double())
     return total / torch.bincount(index, minlength=tying.free).double()
@@ -51,7 +53,7 @@ def pretrain_tied(task: Task, init: Mapping[str, torch.Tensor], tying: Mapping[s
     for name, t in tying.items():
         index, sign = t.index_and_sign()
         ties[name] = (index.to(device), sign.to(device))
-        free[name] = nn.Parameter(project(params[name], t).to(device=device, dtype=params[name].dtype))
+        free[name] = nn.Parameter(project(params[name], t, (index, sign)).to(device=device, dtype=params[name].dtype))
         params[name].requires_grad_(False)
     trainable = [p for n, p in params.items() if n not in tying] + list(free.values())
     lr = task.lr if lr is None else lr

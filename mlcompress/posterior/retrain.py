@@ -24,12 +24,12 @@ import torch
 from mlcompress.codecs.rec.hashing import Tying
 from mlcompress.errors import InputError
 from mlcompress.posterior.file import Posterior
-from mlcompress.posterior.parameterization import MEAN_VAR, PARAMETERIZATIONS, block_kl
+from mlcompress.posterior.parameterization import MEAN_VAR, PARAMETERIZATIONS
 from mlcompress.posterior.training_layout import TrainingLayout, training_layout
 from mlcompress.posterior.variational import VariationalModel
 from mlcompress.tasks import Task, check_state_dict_fits
 
-__all__ = ["variational_from_posterior", "retrain", "num_train_examples"]
+__all__ = ["variational_from_posterior", "retrain"]
 
 
 def variational_from_posterior(task: Task, posterior: Posterior, *, device: torch.device | str = "cpu",
@@ -66,18 +66,8 @@ def variational_from_posterior(task: Task, posterior: Posterior, *, device: torc
         mu = torch.cat([pt.mean.reshape(-1) for pt in posterior.tensors.values()]).double()
         sigma = torch.cat([pt.std.reshape(-1) for pt in posterior.tensors.values()]).double()
         per_var = rho[model.tensor_of]
-        model.q.load_distribution(mu, sigma, per_var)
-        if hasattr(model.q, "load_budget"):  # Mean-Var: anneal toward the KL each block has now
-            model.q.load_budget(block_kl(mu, sigma, per_var, layout.block_of, layout.num_blocks))
+        model.q.load_distribution(mu, sigma, per_var)  # each block's budget: its KL now
     return model.to(device), layout
-
-
-def num_train_examples(task: Task, batch_size: int) -> int:
-    """Training-set size (the weight of the KL in Mean-Var's objective is relative to it)."""
-    size = getattr(task, "train_inputs", None)
-    if size is not None:
-        return len(size)
-    return sum(len(t) for _, t in task.train_batches(batch_size, torch.Generator().manual_seed(0)))
 
 
 def retrain(model: VariationalModel, task: Task, *, steps: int, lr: float, seed: int, group: int,

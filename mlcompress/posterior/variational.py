@@ -92,7 +92,7 @@ class VariationalModel(nn.Module):
             flat = params[name].detach().flatten().to(torch.float64)
             if name in self.tying:
                 self._ties[name] = self.tying[name].index_and_sign()
-                flat = project(params[name], self.tying[name])
+                flat = project(params[name], self.tying[name], self._ties[name])
             pieces.append(flat)
         init = torch.cat(pieces)
         rms = torch.stack([p.pow(2).mean().sqrt() for p in pieces])

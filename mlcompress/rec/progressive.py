@@ -31,8 +31,8 @@ from mlcompress.atomic import atomic_output
 from mlcompress.codecs.rec.decoder import decode_weights
 from mlcompress.options import Rec
 from mlcompress.posterior.file import Posterior
-from mlcompress.posterior.fit import DEFAULT_LR, evaluate_posterior
-from mlcompress.posterior.retrain import num_train_examples, retrain, variational_from_posterior
+from mlcompress.posterior.fit import DEFAULT_LR, evaluate_posterior, num_train_examples
+from mlcompress.posterior.retrain import retrain, variational_from_posterior
 from mlcompress.progress import Progress, report
 from mlcompress.rec.blocks import RecItem, choose_indices
 from mlcompress.tasks import Task
