@@ -77,9 +77,10 @@ def describe(record: TensorRecord) -> Mapping[str, Any]:
 
 # The built-in codecs register themselves; they import only mlcompress.format and each other.
 from mlcompress.codecs import lossless as _lossless  # noqa: E402
+from mlcompress.codecs import low_precision as _low_precision  # noqa: E402
 from mlcompress.codecs import quant as _quant  # noqa: E402
 from mlcompress.codecs import raw as _raw  # noqa: E402
 from mlcompress.codecs import rec as _rec  # noqa: E402
 
-for _module in (_raw, _lossless, _quant, _rec):
+for _module in (_raw, _lossless, _low_precision, _quant, _rec):
     register(_module.CODEC)
