@@ -12,6 +12,7 @@ Importing the package is cheap (no torch, no numpy until a call needs them).
 from mlcompress.version import __version__
 
 from mlcompress.api import (  # noqa: E402
+    Float,
     L2,
     Lossless,
     Progress,
@@ -34,4 +35,4 @@ from mlcompress.api import (  # noqa: E402
 
 __all__ = ["__version__", "encode", "encode_bytes", "decode", "decode_bytes", "decode_file", "inspect",
            "fit_posterior", "train", "evaluate", "diverge", "Report", "Update", "Progress", "Rec", "Lossless",
-           "Quant", "L2", "Prune"]
+           "Quant", "L2", "Float", "Prune"]

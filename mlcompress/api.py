@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from mlcompress.container import open_mrc
 from mlcompress.errors import InputError, UsageError
 from mlcompress.inspection import inspect_file
-from mlcompress.options import L2, Lossless, Method, Prune, Quant, Rec, parse_size
+from mlcompress.options import L2, Float, Lossless, Method, Prune, Quant, Rec, parse_size
 from mlcompress.progress import Progress, Update
 from mlcompress.report import Report
 
@@ -35,8 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mlcompress.posterior.fit import FitConfig
 
 __all__ = ["encode", "encode_bytes", "decode", "decode_bytes", "decode_file", "inspect", "fit_posterior", "train",
-           "evaluate", "diverge", "Report", "Update", "Progress", "Method", "Rec", "Lossless", "Quant", "L2", "Prune",
-           "parse_size"]
+           "evaluate", "diverge", "Report", "Update", "Progress", "Method", "Rec", "Lossless", "Quant", "L2", "Float",
+           "Prune", "parse_size"]
 
 Source = str | os.PathLike | Mapping[str, Any]
 
@@ -54,9 +54,9 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
     """Compress ``src`` (a checkpoint path, a posterior file, or a dict of tensors) into ``dst``.
 
     ``dst`` defaults to ``src`` with the suffix ``.mrc`` (required when ``src`` is a dict).
-    ``method`` is one of ``Rec()``, ``Lossless()``, ``Quant()``, ``L2()``, ``Prune()``; ``None``
-    means REC for a posterior file (what ``fit-posterior`` wrote) and is an error otherwise.
-    ``dequantized`` (``Quant``/``L2`` only) also writes the reconstructed weights there.
+    ``method`` is one of ``Rec()``, ``Lossless()``, ``Quant()``, ``L2()``, ``Float()``, ``Prune()``;
+    ``None`` means REC for a posterior file (what ``fit-posterior`` wrote) and is an error otherwise.
+    ``dequantized`` (``Quant``/``L2``/``Float`` only) also writes the reconstructed weights there.
     ``device`` is where that automatic REC runs; a given method carries its own.
     """
     tensors = None if isinstance(src, (str, os.PathLike)) else dict(src)
@@ -84,15 +84,18 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
         return encode_lossless(name, dst, force=force, unsafe_pickle=unsafe_pickle, progress=progress, tensors=tensors)
     if tensors is not None:
         raise UsageError(f"method {method.name} reads a checkpoint file; save the tensors first")
-    if dequantized is not None and not isinstance(method, (Quant, L2)):
+    if dequantized is not None and not isinstance(method, (Quant, L2, Float)):
         raise UsageError("a dequantized copy (--safetensors) comes from quantization only")
-    if isinstance(method, (Quant, L2)):
+    if isinstance(method, (Quant, L2, Float)):
         from mlcompress.quant.quantize import quantize_checkpoint
 
         if isinstance(method, Quant):
             kwargs: dict[str, Any] = dict(method="uniform", bits=method.bits, symmetric=method.symmetric,
                                           per_channel=method.per_channel, group_size=method.group_size,
                                           task=method.task, data=method.data, device=method.device)
+        elif isinstance(method, Float):
+            kwargs = dict(method="float", float_format=method.format, per_channel=method.per_channel,
+                          task=method.task, data=method.data, device=method.device)
         else:
             kwargs = dict(method="l2", task=method.task, data=method.data, target_ratio=method.target_ratio,
                           calib_samples=method.calib_samples, kernel=method.kernel, seed=method.seed,
@@ -106,7 +109,7 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
                           task=method.task, data=method.data, finetune_steps=method.finetune_steps,
                           bits=method.bits, output=dst, force=force, unsafe_pickle=unsafe_pickle,
                           seed=method.seed, device=method.device, progress=progress)
-    raise UsageError(f"unknown method {method!r}", hint="use Rec(), Lossless(), Quant(), L2() or Prune()")
+    raise UsageError(f"unknown method {method!r}", hint="use Rec(), Lossless(), Quant(), L2(), Float() or Prune()")
 
 
 def encode_bytes(src: Source, *, method: Method | None = None, unsafe_pickle: bool = False,
@@ -118,42 +121,51 @@ def encode_bytes(src: Source, *, method: Method | None = None, unsafe_pickle: bo
         return out.read_bytes()
 
 
-def decode(source: str | os.PathLike | bytes, *, device: str = "cpu") -> dict[str, Any]:
+def _decoded(mrc: Any, device: str, keep_dtype: bool) -> dict[str, Any]:
+    from mlcompress.device import resolve_device
+
+    if not keep_dtype:
+        return mrc.tensors(device=resolve_device(device))
+    from mlcompress.quant.stored_dtype import decode_stored_dtype
+
+    return decode_stored_dtype(mrc, device=resolve_device(device))
+
+
+def decode(source: str | os.PathLike | bytes, *, device: str = "cpu", keep_dtype: bool = False) -> dict[str, Any]:
     """Every tensor of a ``.mrc`` file (a path or its bytes), decoded on ``device``.
 
     Names, shapes and dtypes are the ones encoded; tied tensors come back as one tensor object.
-    The bits never depend on the device (``auto``, ``cpu`` or ``cuda``).
+    The bits never depend on the device (``auto``, ``cpu`` or ``cuda``). ``keep_dtype`` leaves
+    tensors converted by ``Float`` in their low-precision format (fp8 ones with a float32
+    ``<name>_scale`` beside them, docs/quantize.md) instead of the dtype they were encoded from.
     """
-    mrc = open_mrc(source)
-    from mlcompress.device import resolve_device
-
-    return mrc.tensors(device=resolve_device(device))
+    return _decoded(open_mrc(source), device, keep_dtype)
 
 
-def decode_bytes(data: bytes, *, device: str = "cpu") -> dict[str, Any]:
+def decode_bytes(data: bytes, *, device: str = "cpu", keep_dtype: bool = False) -> dict[str, Any]:
     """:func:`decode` of a ``.mrc`` file held in memory."""
-    return decode(bytes(data), device=device)
+    return decode(bytes(data), device=device, keep_dtype=keep_dtype)
 
 
 def decode_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, force: bool = False,
-                device: str = "cpu") -> Report:
+                device: str = "cpu", keep_dtype: bool = False) -> Report:
     """Decode ``src`` and save the weights to ``dst`` (default: ``src`` as ``.safetensors``).
 
     The report's ``path`` is the written checkpoint; its sizes are those of the ``.mrc``, with
     ``output_bytes`` among the details. Nothing is written unless every tensor decodes.
+    ``keep_dtype`` is :func:`decode`'s.
     """
     start = time.perf_counter()
     mrc = open_mrc(src)
     from mlcompress.checkpoint import OUTPUT_SUFFIXES, save_checkpoint
     from mlcompress.atomic import check_destination
-    from mlcompress.device import resolve_device
 
     dst = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
     if dst.suffix not in OUTPUT_SUFFIXES:
         raise InputError(f"cannot write {dst.name}: unknown output format", hint="use .safetensors or .pt")
     check_destination(dst, force=force)
     on_cpu: dict[int, Any] = {}  # keyed by tensor identity, so tied tensors stay one tensor
-    tensors = {k: on_cpu.setdefault(id(v), v.cpu()) for k, v in mrc.tensors(device=resolve_device(device)).items()}
+    tensors = {k: on_cpu.setdefault(id(v), v.cpu()) for k, v in _decoded(mrc, device, keep_dtype).items()}
     save_checkpoint(tensors, dst, force=force)
     details = {"input": str(src), "output_bytes": dst.stat().st_size}
     return Report.of(mrc, mrc.metadata.get("options", {}).get("method", "?"), time.perf_counter() - start, details,

@@ -1,7 +1,7 @@
 """What a user chooses: one frozen options object per method, checked before any work starts.
 
 These are the ``method=`` values of :func:`mlcompress.encode` (``Rec(...)``, ``Lossless()``,
-``Quant(...)``, ``L2(...)``, ``Prune(...)``). They are frozen, so a method can never change the
+``Quant(...)``, ``L2(...)``, ``Float(...)``, ``Prune(...)``). They are frozen, so a method can never change the
 caller's choice behind its back: a default that depends on the input (REC's bits per block for a
 posterior file) is resolved into a new value, never written back. Importing this module imports
 neither torch nor numpy.
@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mlcompress.codecs.low_precision import float_format
 from mlcompress.codecs.quant.uniform import check_bits, level_range
 from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_WEIGHT, DEFAULT_MIN_REC_NUMEL, INDEX_CODING_CHOICES,
                                           SELECTIONS, check_bits_per_block)
@@ -161,6 +162,30 @@ class L2:
 
 
 @dataclass(frozen=True)
+class Float:
+    """Low-precision floating-point conversion (seed 001, eq. 1): round onto ``format``
+    (``bf16``, ``fp16``, ``fp8-e4m3``, ``fp8-e5m2``), to nearest with ties to even, and store the
+    result through the lossless codec. fp8 scales each conv/linear weight so its largest
+    magnitude is the format's largest finite value, per tensor or per output channel
+    (``per_channel``); bf16/fp16 cast every float32/float64 tensor and need no scale."""
+
+    name = "float"
+
+    format: str = "bf16"
+    per_channel: bool = False
+    task: str | None = None  # optional: report the task's metric before and after
+    data: str | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not float_format(self.format).scaled and self.per_channel:
+            raise UsageError(f"--per-channel applies to the fp8 formats; {self.format} has no scale")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": "float", "format": self.format, "per_channel": self.per_channel}
+
+
+@dataclass(frozen=True)
 class Prune:
     """Prune the ``sparsity`` fraction of conv/linear weights that ``criterion`` ranks lowest:
     set to zero in a checkpoint, to the coding prior in a posterior file (docs/pruning.md).
@@ -200,7 +225,7 @@ class Prune:
         return asdict(self)
 
 
-Method = Lossless | Rec | Quant | L2 | Prune
+Method = Lossless | Rec | Quant | L2 | Float | Prune
 
 
 def check_sparsity(sparsity: object) -> None:

@@ -20,13 +20,14 @@ def decode(
     output: options.Output = None,
     force: options.Force = False,
     device: options.Device = "auto",
+    keep_dtype: Annotated[bool, typer.Option("--keep-dtype", help="Write --float tensors in their low-precision dtype (bf16, fp16, or fp8 with a float32 <name>_scale beside each) instead of the dtype they were encoded from.")] = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
     debug: options.Debug = False,
 ) -> None:
     """Restore the weights of a .mrc file (default: beside it, as .safetensors)."""
     out = Output(json, quiet)
-    report = api.decode_file(container, output, force=force, device=device)
+    report = api.decode_file(container, output, force=force, device=device, keep_dtype=keep_dtype)
     summary = {**report.details, "output": str(report.path), "tensors": report.tensors,
                "parameters": report.parameters, "seconds": report.seconds}
 

@@ -1,10 +1,12 @@
-"""``mlcompress quantize``: data-free integer quantization or L² against a target ratio."""
+"""``mlcompress quantize``: data-free integer quantization, L² against a target ratio, or a
+low-precision float conversion (``--float``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 
@@ -14,15 +16,27 @@ from mlcompress.cli.app import app
 from mlcompress.errors import UsageError
 from mlcompress.cli.output import Output, human_bytes
 
+#: Options that choose an integer grid, so they contradict ``--float`` (by their parameter names).
+_INTEGER_ONLY = {"method": "--method", "bits": "--bits", "group_size": "--group-size", "symmetric": "--symmetric",
+                 "target_ratio": "--target-ratio", "calib_samples": "--calib-samples", "kernel": "--kernel"}
+
+
+def _given(ctx: typer.Context, names: dict[str, str]) -> list[str]:
+    """The flags among ``names`` that the command line set (not left at their defaults)."""
+    return [flag for name, flag in names.items()
+            if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
+
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="Checkpoint: .pt/.pth/.bin, .safetensors, TorchScript, or a Hugging Face model directory.")],
     method: Annotated[str, typer.Option("--method", help="uniform (data-free) or l2 (learned, needs --task).")] = "uniform",
     bits: Annotated[int, typer.Option("--bits", help="uniform: bits per weight, 1-16.")] = 8,
-    per_channel: Annotated[bool, typer.Option("--per-channel", help="uniform: one scale/zero-point per output channel.")] = False,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="uniform and fp8: one scale (and zero-point) per output channel.")] = False,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="uniform: one scale/zero-point per N consecutive weights of a channel.")] = None,
     symmetric: Annotated[bool, typer.Option("--symmetric", help="uniform: levels -M..M with zero-point 0.")] = False,
+    float_format: Annotated[Optional[str], typer.Option("--float", help="Instead of integer levels, round to a smaller float format: bf16, fp16 (every float32/float64 tensor), fp8-e4m3 or fp8-e5m2 (conv/linear weights, scaled per tensor or with --per-channel).", metavar="FORMAT")] = None,
     task: options.OptionalTask = None,
     data: options.DataDir = None,
     target_ratio: Annotated[float, typer.Option("--target-ratio", help="l2: file size target, fp32 bytes / file bytes.")] = 20.0,
@@ -40,8 +54,16 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint into a .mrc file (levels entropy-coded) and report the real size."""
     out = Output(json, quiet)
-    if method == "uniform":
-        chosen: api.Method = api.Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size,
+    if float_format is not None:
+        conflicting = _given(ctx, _INTEGER_ONLY)
+        if conflicting:
+            raise UsageError(f"--float does not combine with {', '.join(conflicting)}",
+                             hint="--float rounds to a float format; the others choose an integer grid")
+        chosen: api.Method = api.Float(format=float_format, per_channel=per_channel, task=task,
+                                       data=str(data) if data is not None else None, device=device)
+        chosen.validate()  # before torch is imported: a usage error answers at once
+    elif method == "uniform":
+        chosen = api.Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size,
                                        task=task, data=str(data) if data is not None else None, device=device)
     elif method == "l2":
         chosen = api.L2(task=task or "", data=str(data) if data is not None else None, target_ratio=target_ratio,
@@ -53,12 +75,16 @@ def quantize(
                              progress=progress, dequantized=safetensors).to_json()
 
     def render(console: Console) -> None:
-        what = f"{summary['bits']}-bit uniform" if summary["method"] == "uniform" else f"L² (target {summary['target_ratio']:g}x)"
+        if summary["method"] == "float":
+            scales = (" per-channel" if summary["per_channel"] else " per-tensor") if "fp8" in summary["format"] else ""
+            what, extra = f"{summary['format']}{scales}", f"{summary['quantized_tensors']} tensors converted"
+        else:
+            what = f"{summary['bits']}-bit uniform" if summary["method"] == "uniform" else f"L² (target {summary['target_ratio']:g}x)"
+            extra = f"sparsity {summary['sparsity']:.1%}"
         console.print(
             f"wrote {summary['output']}: {what}, {human_bytes(summary['fp32_bytes'])} fp32 -> "
             f"{human_bytes(summary['file_bytes'])} ({summary['ratio']:.2f}x); "
-            f"{summary['bits_per_quantized_weight']:.3f} bits per quantized weight stored, "
-            f"sparsity {summary['sparsity']:.1%}"
+            f"{summary['bits_per_quantized_weight']:.3f} bits per quantized weight stored, {extra}"
         )
         if "metric_before" in summary:
             console.print(

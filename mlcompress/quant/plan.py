@@ -25,6 +25,8 @@ from mlcompress.assembly import smallest_lossless
 from mlcompress.container import encode_entries, encode_tensor, open_mrc, write_encoded
 
 MIN_QUANT_NUMEL = 64
+#: Codecs whose payloads are the quantized (lossy) tensors a file's bits per weight are about.
+LOSSY_CODECS = ("quant", "float")
 Plan = dict[str, tuple[str, dict[str, Any]]]
 
 
@@ -123,7 +125,7 @@ def measure_file(path: str | os.PathLike) -> FileSize:
         if rec.alias_of is not None:
             continue
         total += rec.numel
-        if rec.codec == "quant":
+        if rec.codec in LOSSY_CODECS:
             q_params += rec.numel
             q_bytes += rec.length
         else:

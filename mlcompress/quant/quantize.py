@@ -1,12 +1,14 @@
 """The library side of ``mlcompress quantize``: checkpoint -> quantized ``.mrc`` (and safetensors).
 
-Two methods:
+Three methods:
 
 * ``uniform`` (data-free): every conv/linear weight quantized at ``bits`` with min/max
   scale/zero-point per tensor, channel or group (:mod:`mlcompress.codecs.quant.uniform`). A task is
   optional and only used to report accuracy before/after.
 * ``l2``: the L² loop (:mod:`mlcompress.quant.calibrate`) against a target ratio; needs a task
   for the model architecture and the calibration inputs.
+* ``float`` (data-free): low-precision conversion onto bf16, fp16 or fp8
+  (:mod:`mlcompress.quant.low_precision` says which tensors); a task is optional, as for uniform.
 
 Everything that can be wrong with the inputs (bit width, ratio, task/checkpoint mismatch, empty
 calibration set, existing outputs) is checked before anything is written; files are written
@@ -29,14 +31,15 @@ from mlcompress.codecs.quant import uniform
 from mlcompress.container import open_mrc
 from mlcompress.device import resolve_device
 from mlcompress.errors import InputError, UsageError
-from mlcompress.options import L2, Quant
+from mlcompress.options import L2, Float, Quant
 from mlcompress.progress import Progress
 from mlcompress.quant.calibrate import L2Config, l2_compress
-from mlcompress.quant.plan import Plan, uniform_plan, write_plan
+from mlcompress.quant.low_precision import dequantize_float, float_plan
+from mlcompress.quant.plan import LOSSY_CODECS, Plan, uniform_plan, write_plan
 from mlcompress.report import Report
 from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
 
-METHODS = ("uniform", "l2")
+METHODS = ("uniform", "l2", "float")
 
 
 def dequantize_uniform(tensors: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
@@ -83,6 +86,7 @@ def quantize_checkpoint(
     calib_samples: int = 1000,
     kernel: str = "cos",
     l2_config: L2Config | None = None,
+    float_format: str = "bf16",
     device: str | torch.device = "auto",
     output: str | os.PathLike | None = None,
     safetensors: str | os.PathLike | None = None,
@@ -97,6 +101,8 @@ def quantize_checkpoint(
         raise UsageError(f"unknown method {method!r}", hint=f"use one of: {', '.join(METHODS)}")
     if method == "uniform":
         Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size).validate()
+    elif method == "float":
+        Float(format=float_format, per_channel=per_channel).validate()
     else:
         L2(task=task or "", target_ratio=target_ratio, calib_samples=calib_samples, kernel=kernel).validate()
         if calib_samples < 1:
@@ -123,6 +129,11 @@ def quantize_checkpoint(
         quantized_names = [n for n, (c, _) in plan.items() if c == "quant"]
         zeros = sum(int((dequantized[n] == 0).sum()) for n in quantized_names)
         summary["sparsity"] = zeros / max(sum(tensors[n].numel() for n in quantized_names), 1)
+    elif method == "float":
+        plan = float_plan(tensors, float_format, per_channel=per_channel)
+        options = Float(format=float_format, per_channel=per_channel).as_dict()
+        to_store, dequantized = tensors, dequantize_float(tensors, plan)
+        summary.update(options)
     else:
         calibration = task_obj.calibration(calib_samples)
         if calibration is None or len(calibration) == 0:
@@ -146,7 +157,7 @@ def quantize_checkpoint(
         save_checkpoint(dequantized, st, force=force)
         summary["safetensors"] = str(st)
     summary.update(size.as_dict())
-    summary["quantized_tensors"] = sum(1 for c, _ in plan.values() if c == "quant")
+    summary["quantized_tensors"] = sum(1 for c, _ in plan.values() if c in LOSSY_CODECS)
     if task_obj is not None:
         summary.update({"task": task_obj.name, "metric": task_obj.metric_name, "metric_before": before,
                         "metric_after": after})
