@@ -92,6 +92,8 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
         if isinstance(method, Quant):
             kwargs: dict[str, Any] = dict(method="uniform", bits=method.bits, symmetric=method.symmetric,
                                           per_channel=method.per_channel, group_size=method.group_size,
+                                          step=method.step, target_ratio=method.target_ratio,
+                                          allocation=method.allocation, rdo_lambda=method.rdo_lambda,
                                           task=method.task, data=method.data, device=method.device)
         elif isinstance(method, Float):
             kwargs = dict(method="float", float_format=method.format, per_channel=method.per_channel,

@@ -14,10 +14,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mlcompress.codecs.low_precision import float_format
+from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA
+from mlcompress.codecs.quant.step import check_step
 from mlcompress.codecs.quant.uniform import check_bits, level_range
 from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_WEIGHT, DEFAULT_MIN_REC_NUMEL, INDEX_CODING_CHOICES,
                                           SELECTIONS, check_bits_per_block)
 from mlcompress.errors import UsageError
+
+
+#: The fixed-width grid's default bit width.
+DEFAULT_BITS = 8
+#: How ``--step``/``--target-ratio`` spread steps over tensors (mlcompress/quant/rate.py).
+ALLOCATIONS = ("norm", "equal")
 
 
 def _positive(value: float | None, flag: str) -> None:
@@ -114,26 +122,76 @@ class Rec:
 
 @dataclass(frozen=True)
 class Quant:
-    """Data-free uniform quantization: ``bits`` per level on a min/max grid per tensor, channel
-    (``per_channel``) or group of ``group_size`` weights; levels are entropy-coded."""
+    """Data-free quantization, levels entropy-coded. Two grids:
+
+    * a fixed width: ``bits`` per level on a min/max grid per tensor, channel (``per_channel``)
+      or group of ``group_size`` weights (the default, 8 bits, when neither of the next two is
+      given);
+    * entropy-constrained: a uniform step chosen for the size -- ``target_ratio`` (fp32 bytes
+      over file bytes) searches it, ``step`` sets it -- with every integer level allowed,
+      steps spread over tensors by ``allocation`` and rate-distortion optimised rounding
+      (``rdo_lambda``; 0 is nearest rounding). See docs/quantize.md.
+    """
 
     name = "quant"
 
-    bits: int = 8
+    bits: int | None = None  # None: 8, unless step or target_ratio is given
     symmetric: bool = False
     per_channel: bool = False
     group_size: int | None = None
+    step: float | None = None
+    target_ratio: float | None = None
+    allocation: str = "norm"
+    rdo_lambda: float = DEFAULT_LAMBDA
     task: str | None = None  # optional: report the task's metric before and after
     data: str | None = None
     device: str = "auto"
 
+    @property
+    def entropy_constrained(self) -> bool:
+        return self.step is not None or self.target_ratio is not None
+
+    @property
+    def resolved_bits(self) -> int:
+        return DEFAULT_BITS if self.bits is None else self.bits
+
     def validate(self) -> None:
-        level_range(self.bits, self.symmetric)  # validates --bits and --symmetric
+        if self.per_channel and self.group_size is not None:
+            raise UsageError("--per-channel and --group-size contradict each other",
+                             hint="groups are already inside each channel: give one of them")
         if self.group_size is not None and not (isinstance(self.group_size, int) and self.group_size >= 1):
             raise UsageError(f"--group-size must be a positive integer, got {self.group_size}")
+        if not self.entropy_constrained:
+            level_range(self.resolved_bits, self.symmetric)  # validates --bits and --symmetric
+            return
+        if self.bits is not None:
+            flag = "--step" if self.step is not None else "--target-ratio"
+            raise UsageError(f"--bits and {flag} contradict each other",
+                             hint="--bits fixes a grid width; --step/--target-ratio choose an entropy-coded step")
+        if self.step is not None and self.target_ratio is not None:
+            raise UsageError("--step and --target-ratio contradict each other", hint="give one of them")
+        if self.symmetric:
+            raise UsageError("--symmetric applies to --bits; the entropy-constrained grid is always symmetric")
+        if self.step is not None:
+            check_step(self.step)
+        if self.target_ratio is not None:
+            check_target_ratio(self.target_ratio)
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown --allocation {self.allocation!r}", hint=f"use one of: {', '.join(ALLOCATIONS)}")
+        if not (isinstance(self.rdo_lambda, (int, float)) and math.isfinite(self.rdo_lambda) and self.rdo_lambda >= 0):
+            raise UsageError(f"--rdo-lambda must be a number >= 0, got {self.rdo_lambda}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": "uniform", **{k: v for k, v in asdict(self).items() if k not in ("task", "data", "device")}}
+        if self.entropy_constrained:
+            keys = ("step", "target_ratio", "allocation", "rdo_lambda", "per_channel", "group_size")
+            return {"method": "step", **{k: getattr(self, k) for k in keys}}
+        d = {k: v for k, v in asdict(self).items() if k in ("symmetric", "per_channel", "group_size")}
+        return {"method": "uniform", "bits": self.resolved_bits, **d}
+
+
+def check_target_ratio(ratio: object) -> None:
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 1):
+        raise UsageError(f"--target-ratio must be a number above 1, got {ratio!r}")
 
 
 @dataclass(frozen=True)

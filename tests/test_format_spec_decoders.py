@@ -198,14 +198,31 @@ def spec_decode_quant(payload: bytes, shape: tuple[int, ...], dtype: str, params
         out = np.sign(n) * (e + (a - 0.5) * s)
         out = np.where(a == 0, 0.0, out)
         return _round_f64(out, dtype).reshape(shape)
+    if params["scheme"] == "step":
+        rows, cols, group = params["rows"], params["cols"], params["group"]
+        per_row = -(-cols // group) if cols else 0
+        if rows * cols != numel:
+            raise SpecError("layout does not match")
+        cb = params["codes_bytes"]
+        q = np.array(spec_decode_stream(payload[:cb], rows * per_row), dtype=np.int64)
+        if q.size and (q.min() < -8192 or q.max() > 4095):
+            raise SpecError("step code out of range")
+        step = (64 + np.mod(q, 64)).astype(np.float64) * np.exp2(np.floor_divide(q, 64) - 6)
+        n = spec_decode_levels(payload[cb:], numel)
+        if n.size and np.abs(n).max() > 2**24 - 1:
+            raise SpecError("level out of range")
+        k = np.arange(numel)
+        g = (k // cols) * per_row + (k % cols) // group if cols else np.zeros(0, np.int64)
+        return _round_f64(step[g] * n.astype(np.float64), dtype).reshape(shape)
     assert params["scheme"] == "uniform"
     rows, cols, group = params["rows"], params["cols"], params["group"]
     per_row = -(-cols // group) if cols else 0
     n_groups = rows * per_row
     sb, zb = params["scale_bytes"], params["zp_bytes"]
-    if sb != 4 * n_groups or rows * cols != numel:
+    half = params.get("scale_dtype", "float32") == "float16"
+    if sb != (2 if half else 4) * n_groups or rows * cols != numel:
         raise SpecError("layout does not match")
-    scale = np.frombuffer(payload[:sb], dtype="<f4")
+    scale = np.frombuffer(payload[:sb], dtype="<f2" if half else "<f4").astype(np.float32)
     if not (np.isfinite(scale).all() and (scale > 0).all()):
         raise SpecError("bad scale")
     zero = np.array(spec_decode_stream(payload[sb : sb + zb], n_groups), dtype=np.int64)
@@ -329,6 +346,10 @@ _QUANT_OPTIONS = [
     {"scheme": "l2", "edge": 0.05, "step": 0.03},
     {"scheme": "l2", "edge": 0.3, "step": 0.001},
     {"scheme": "l2", "edge": 1e-4, "step": 0.2},
+    {"scheme": "step", "step": 0.05},
+    {"scheme": "step", "step": 0.003, "lam": 0.0},
+    {"scheme": "step", "step": 0.02, "per_channel": True},
+    {"scheme": "step", "step": 0.5, "group_size": 7},
 ]
 
 
@@ -387,29 +408,35 @@ def test_both_level_modes_are_exercised():
     for name, x in _TENSORS.items():
         for options in _QUANT_OPTIONS:
             payload, params = codecs.encoder("quant").encode(x, options)
-            start = 0 if params["scheme"] == "l2" else params["scale_bytes"] + params["zp_bytes"]
+            start = {"l2": 0, "step": params.get("codes_bytes")}.get(params["scheme"],
+                                                                       params.get("scale_bytes", 0) + params.get("zp_bytes", 0))
             seen.add((params["scheme"], payload[start], x.numel() > 0))
-    assert seen >= {("uniform", 0, True), ("uniform", 1, True), ("l2", 0, True), ("l2", 1, True)}
+    assert seen >= {("uniform", 0, True), ("uniform", 1, True), ("l2", 0, True), ("l2", 1, True), ("step", 0, True),
+                    ("step", 1, True)}
 
 
 _DOC_X = torch.tensor([[0.5, -1.0, 0.25], [2.0, 0.0, -0.75]])
 _DOC_QUANT_VECTORS = [  # docs/format.md §4.4 "Test vectors": tensor, options, params, payload, float32 bits
     (_DOC_X, {"bits": 4, "per_channel": True},
-     {"scheme": "uniform", "bits": 4, "symmetric": False, "rows": 2, "cols": 3, "group": 3, "scale_bytes": 8,
-      "zp_bytes": 44},
-     "cdcccc3d bcbb3b3e 02000000 fcffffff 02000000 0100000000000000 0100000000000000 0200000000000000 01000000"
-     " 00008000 01 f8ffffff 04 0ffc04",
-     [0x3F000000, 0xBF800000, 0x3E4CCCCD, 0x40011111, 0x00000000, 0xBF3BBBBC]),
+     {"scheme": "uniform", "bits": 4, "symmetric": False, "rows": 2, "cols": 3, "group": 3, "scale_bytes": 4,
+      "zp_bytes": 44, "scale_dtype": "float16"},
+     "542e d731 02000000 fcffffff 02000000 0100000000000000 0100000000000000 0200000000000000 01000000"
+     " 00008000 01 f8ffffff 04 0ffd04",
+     [0x3EFD2000, 0xBF7D2000, 0x3E97E000, 0x40007A00, 0x00000000, 0xBF3AE000]),
     (_DOC_X, {"bits": 3, "symmetric": True, "group_size": 2},
-     {"scheme": "uniform", "bits": 3, "symmetric": True, "rows": 2, "cols": 3, "group": 2, "scale_bytes": 16,
-      "zp_bytes": 28},
-     "abaaaa3e abaaaa3d abaa2a3f 0000803e 01000000 00000000 0400000000000000 0400000000000000 00000000"
-     " 01 fdffffff 03 843d00",
-     [0x3EAAAAAB, 0xBF800000, 0x3E800000, 0x40000000, 0x00000000, 0xBF400000]),
+     {"scheme": "uniform", "bits": 3, "symmetric": True, "rows": 2, "cols": 3, "group": 2, "scale_bytes": 8,
+      "zp_bytes": 28, "scale_dtype": "float16"},
+     "ec34 552d 5539 0034 01000000 00000000 0400000000000000 0400000000000000 00000000"
+     " 01 fdffffff 03 853d00",
+     [0x3F1D8000, 0xBF6C4000, 0x3E7FF000, 0x3FFFF000, 0x00000000, 0xBF400000]),
     (torch.tensor([0.0, 0.04, -0.2, 0.11, -0.03]), {"scheme": "l2", "edge": 0.05, "step": 0.03},
      {"scheme": "l2", "edge": 0.05000000074505806, "step": 0.029999999329447746},
      "01 faffffff 04 668006",
      [0x00000000, 0x00000000, 0xBE5C28F6, 0x3DC28F5C, 0x00000000]),
+    (_DOC_X, {"scheme": "step", "step": 0.25},
+     {"scheme": "step", "rows": 1, "cols": 6, "group": 6, "codes_bytes": 28},
+     "01000000 80ffffff 0100000000000000 0100000000000000 00000000 01 fcffffff 04 06c514",
+     [0x3F000000, 0xBF800000, 0x3E800000, 0x40000000, 0x00000000, 0xBF400000]),
 ]
 
 

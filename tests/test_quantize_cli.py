@@ -140,3 +140,49 @@ def test_prune_finetune_keeps_zeros_and_mrc_round_trips(tmp_path, digits_ckpt, c
     assert main(["prune", str(digits_ckpt), "--sparsity", "0.8", "--bits", "4", "-o", str(out2), "--json"]) == 0
     s2 = _json(capsys)
     assert s2["file_bytes"] < summary["file_bytes"] and s2["achieved_sparsity"] >= 0.8 - 1e-3
+
+
+def test_quantize_target_ratio_is_entropy_constrained(tmp_path, digits_ckpt, capsys):
+    out, st = tmp_path / "e.mrc", tmp_path / "e.safetensors"
+    code = main(["quantize", str(digits_ckpt), "--target-ratio", "8", "-o", str(out), "--safetensors", str(st),
+                 "--json"])
+    assert code == 0
+    summary = _json(capsys)
+    assert summary["method"] == "step" and summary["allocation"] == "norm" and summary["step"] > 0
+    assert abs(summary["fp32_ratio"] / 8 - 1) < 0.05
+    decoded, fallback = open_mrc(out).tensors(), load_checkpoint(st)
+    assert all(torch.equal(decoded[n], fallback[n]) for n in decoded)
+    assert {r.params.get("scheme") for r in open_mrc(out).records if r.codec == "quant"} == {"step"}
+    # --step with the searched step gives the very same payloads (the header records the options)
+    again = tmp_path / "s.mrc"
+    assert main(["quantize", str(digits_ckpt), "--step", repr(summary["step"]), "-o", str(again), "--quiet"]) == 0
+    assert [(r.name, r.crc32, r.params) for r in open_mrc(again).records] == \
+        [(r.name, r.crc32, r.params) for r in open_mrc(out).records]
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--bits", "4", "--target-ratio", "10"], "--bits and --target-ratio"),
+    (["--bits", "4", "--step", "0.1"], "--bits and --step"),
+    (["--step", "0.1", "--target-ratio", "10"], "--step and --target-ratio"),
+    (["--per-channel", "--group-size", "8"], "--per-channel and --group-size"),
+    (["--step", "0"], "--step must be a positive number"),
+    (["--step", "nan"], "--step must be a positive number"),
+    (["--step", "-1"], "--step must be a positive number"),
+    (["--target-ratio", "1"], "--target-ratio must be a number above 1"),
+    (["--target-ratio", "0.5"], "--target-ratio must be a number above 1"),
+    (["--step", "0.1", "--allocation", "median"], "unknown --allocation"),
+    (["--step", "0.1", "--rdo-lambda", "-1"], "--rdo-lambda"),
+    (["--method", "l2", "--task", "mlp-digits", "--step", "0.1"], "does not take --step"),
+])
+def test_quantize_conflicting_or_bad_grid_flags(tmp_path, digits_ckpt, capsys, flags, fragment):
+    out = tmp_path / "bad.mrc"
+    assert main(["quantize", str(digits_ckpt), *flags, "-o", str(out)]) == 2
+    _error(capsys, fragment)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_quantize_unreachable_target_is_one_line(tmp_path, digits_ckpt, capsys):
+    out = tmp_path / "bad.mrc"
+    assert main(["quantize", str(digits_ckpt), "--target-ratio", "5000", "-o", str(out)]) == 2
+    _error(capsys, "out of reach")
+    assert not out.exists()

@@ -13,11 +13,13 @@ from rich.console import Console
 from mlcompress import api
 from mlcompress.cli import options
 from mlcompress.cli.app import app
+from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA
 from mlcompress.errors import UsageError
 from mlcompress.cli.output import Output, human_bytes
 
 #: Options that choose an integer grid, so they contradict ``--float`` (by their parameter names).
 _INTEGER_ONLY = {"method": "--method", "bits": "--bits", "group_size": "--group-size", "symmetric": "--symmetric",
+                 "step": "--step", "allocation": "--allocation", "rdo_lambda": "--rdo-lambda",
                  "target_ratio": "--target-ratio", "calib_samples": "--calib-samples", "kernel": "--kernel"}
 
 
@@ -32,14 +34,17 @@ def quantize(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="Checkpoint: .pt/.pth/.bin, .safetensors, TorchScript, or a Hugging Face model directory.")],
     method: Annotated[str, typer.Option("--method", help="uniform (data-free) or l2 (learned, needs --task).")] = "uniform",
-    bits: Annotated[int, typer.Option("--bits", help="uniform: bits per weight, 1-16.")] = 8,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="uniform: a fixed-width grid of this many bits per level, 1-16 (default 8 unless --step or --target-ratio).")] = None,
+    step: Annotated[Optional[float], typer.Option("--step", help="uniform, entropy-constrained: the grid step of the tensor with the largest norm (others by --allocation).")] = None,
+    allocation: Annotated[str, typer.Option("--allocation", help="--step/--target-ratio: norm (steps proportional to each tensor's Frobenius norm) or equal (one step).")] = "norm",
+    rdo_lambda: Annotated[float, typer.Option("--rdo-lambda", help="--step/--target-ratio: rate-distortion rounding weight in step^2 per bit (0: nearest rounding).")] = DEFAULT_LAMBDA,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="uniform and fp8: one scale (and zero-point) per output channel.")] = False,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="uniform: one scale/zero-point per N consecutive weights of a channel.")] = None,
     symmetric: Annotated[bool, typer.Option("--symmetric", help="uniform: levels -M..M with zero-point 0.")] = False,
     float_format: Annotated[Optional[str], typer.Option("--float", help="Instead of integer levels, round to a smaller float format: bf16, fp16 (every float32/float64 tensor), fp8-e4m3 or fp8-e5m2 (conv/linear weights, scaled per tensor or with --per-channel).", metavar="FORMAT")] = None,
     task: options.OptionalTask = None,
     data: options.DataDir = None,
-    target_ratio: Annotated[float, typer.Option("--target-ratio", help="l2: file size target, fp32 bytes / file bytes.")] = 20.0,
+    target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", help="File size target, fp32 bytes / file bytes: uniform searches the entropy-constrained step for it; l2 trains for it (default 20).")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="l2: calibration inputs taken from the task's training set.")] = 1000,
     kernel: Annotated[str, typer.Option("--kernel", help="l2: differentiable counter kernel: cos, linear or triangle.")] = "cos",
     output: options.Output = None,
@@ -64,9 +69,15 @@ def quantize(
         chosen.validate()  # before torch is imported: a usage error answers at once
     elif method == "uniform":
         chosen = api.Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size,
-                                       task=task, data=str(data) if data is not None else None, device=device)
+                           step=step, target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda,
+                           task=task, data=str(data) if data is not None else None, device=device)
+        chosen.validate()  # before torch is imported: a usage error answers at once
     elif method == "l2":
-        chosen = api.L2(task=task or "", data=str(data) if data is not None else None, target_ratio=target_ratio,
+        given = _given(ctx, {"step": "--step", "bits": "--bits", "allocation": "--allocation", "rdo_lambda": "--rdo-lambda"})
+        if given:
+            raise UsageError(f"--method l2 does not take {', '.join(given)}", hint="L² learns its own step and dead zone")
+        chosen = api.L2(task=task or "", data=str(data) if data is not None else None,
+                        target_ratio=api.L2.target_ratio if target_ratio is None else target_ratio,
                         calib_samples=calib_samples, kernel=kernel, seed=seed, device=device)
     else:
         raise UsageError(f"unknown method {method!r}", hint="use one of: uniform, l2")
@@ -79,7 +90,9 @@ def quantize(
             scales = (" per-channel" if summary["per_channel"] else " per-tensor") if "fp8" in summary["format"] else ""
             what, extra = f"{summary['format']}{scales}", f"{summary['quantized_tensors']} tensors converted"
         else:
-            what = f"{summary['bits']}-bit uniform" if summary["method"] == "uniform" else f"L² (target {summary['target_ratio']:g}x)"
+            what = {"uniform": lambda: f"{summary['bits']}-bit uniform",
+                    "step": lambda: f"entropy-constrained, step {summary['step']:.4g} ({summary['allocation']} allocation)",
+                    }.get(summary["method"], lambda: f"L² (target {summary['target_ratio']:g}x)")()
             extra = f"sparsity {summary['sparsity']:.1%}"
         console.print(
             f"wrote {summary['output']}: {what}, {human_bytes(summary['fp32_bytes'])} fp32 -> "

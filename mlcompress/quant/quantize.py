@@ -3,8 +3,10 @@
 Three methods:
 
 * ``uniform`` (data-free): every conv/linear weight quantized at ``bits`` with min/max
-  scale/zero-point per tensor, channel or group (:mod:`mlcompress.codecs.quant.uniform`). A task is
-  optional and only used to report accuracy before/after.
+  scale/zero-point per tensor, channel or group (:mod:`mlcompress.codecs.quant.uniform`), or, with
+  ``step``/``target_ratio``, entropy-constrained on a step grid chosen for the size
+  (:mod:`mlcompress.quant.rate`, :mod:`mlcompress.codecs.quant.step`). A task is optional and only
+  used to report accuracy before/after.
 * ``l2``: the L² loop (:mod:`mlcompress.quant.calibrate`) against a target ratio; needs a task
   for the model architecture and the calibration inputs.
 * ``float`` (data-free): low-precision conversion onto bf16, fp16 or fp8
@@ -18,6 +20,7 @@ atomically. The reported sizes are read back from the written file.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,9 @@ import torch
 from mlcompress.assembly import base_metadata, default_output
 from mlcompress.atomic import check_destination
 from mlcompress.checkpoint import load_checkpoint, save_checkpoint
+from mlcompress.codecs.quant import step as step_grid
 from mlcompress.codecs.quant import uniform
+from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA
 from mlcompress.container import open_mrc
 from mlcompress.device import resolve_device
 from mlcompress.errors import InputError, UsageError
@@ -35,6 +40,7 @@ from mlcompress.options import L2, Float, Quant
 from mlcompress.progress import Progress
 from mlcompress.quant.calibrate import L2Config, l2_compress
 from mlcompress.quant.low_precision import dequantize_float, float_plan
+from mlcompress.quant.rate import search_step, step_plan
 from mlcompress.quant.plan import LOSSY_CODECS, Plan, uniform_plan, write_plan
 from mlcompress.report import Report
 from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
@@ -46,12 +52,34 @@ def dequantize_uniform(tensors: dict[str, torch.Tensor], plan: Plan) -> dict[str
     """The weights a decoder of ``plan`` rebuilds (quantized tensors replaced, others as they are)."""
     out = dict(tensors)
     for name, (codec, opts) in plan.items():
-        if codec == "quant":
+        if codec == "quant" and opts.get("scheme") == "step":
+            out[name] = step_grid.step_quantize(tensors[name], opts["step"], per_channel=opts["per_channel"],
+                                                group_size=opts["group_size"], lam=opts["lam"]).dequantize()
+        elif codec == "quant":
             out[name] = uniform.quantize_tensor(
                 tensors[name], opts["bits"], symmetric=opts["symmetric"],
                 per_channel=opts["per_channel"], group_size=opts["group_size"],
             ).dequantize()
     return out
+
+
+def _step_plan(tensors: dict[str, torch.Tensor], quant: Quant) -> tuple[Plan, float]:
+    """The entropy-constrained plan: the given step, or the one searched for the target ratio."""
+    kwargs = dict(allocation=quant.allocation, per_channel=quant.per_channel, group_size=quant.group_size,
+                  lam=quant.rdo_lambda)
+    if quant.step is not None:
+        return step_plan(tensors, quant.step, **kwargs), quant.step
+    with tempfile.TemporaryDirectory(prefix="mlcompress-rate-") as tmp:
+        scratch = Path(tmp) / "trial.mrc"
+        step, plan, _ = search_step(tensors, quant.target_ratio,
+                                    lambda p: write_plan(scratch, tensors, p, {}, force=True), **kwargs)
+    return plan, step
+
+
+def _sparsity(summary: dict[str, Any], tensors, plan: Plan, dequantized) -> None:
+    quantized_names = [n for n, (c, _) in plan.items() if c == "quant"]
+    zeros = sum(int((dequantized[n] == 0).sum()) for n in quantized_names)
+    summary["sparsity"] = zeros / max(sum(tensors[n].numel() for n in quantized_names), 1)
 
 
 def _evaluate(task, tensors: dict[str, torch.Tensor], device) -> float:
@@ -76,13 +104,16 @@ def quantize_checkpoint(
     src: str | os.PathLike,
     *,
     method: str = "uniform",
-    bits: int = 8,
+    bits: int | None = None,
     symmetric: bool = False,
     per_channel: bool = False,
     group_size: int | None = None,
     task: str | None = None,
     data: str | os.PathLike | None = None,
-    target_ratio: float = 20.0,
+    target_ratio: float | None = None,
+    step: float | None = None,
+    allocation: str = "norm",
+    rdo_lambda: float = DEFAULT_LAMBDA,
     calib_samples: int = 1000,
     kernel: str = "cos",
     l2_config: L2Config | None = None,
@@ -100,10 +131,13 @@ def quantize_checkpoint(
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}", hint=f"use one of: {', '.join(METHODS)}")
     if method == "uniform":
-        Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size).validate()
+        quant = Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size, step=step,
+                      target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda)
+        quant.validate()
     elif method == "float":
         Float(format=float_format, per_channel=per_channel).validate()
     else:
+        target_ratio = L2.target_ratio if target_ratio is None else target_ratio
         L2(task=task or "", target_ratio=target_ratio, calib_samples=calib_samples, kernel=kernel).validate()
         if calib_samples < 1:
             raise InputError("the calibration set is empty", hint="pass --calib-samples with a positive number")
@@ -120,15 +154,19 @@ def quantize_checkpoint(
     summary: dict[str, Any] = {"input": str(src)}
     before = _evaluate(task_obj, tensors, dev) if task_obj is not None else None
 
-    if method == "uniform":
-        plan = uniform_plan(tensors, bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size)
-        options = {"method": "uniform", "bits": bits, "symmetric": symmetric, "per_channel": per_channel,
-                   "group_size": group_size}
+    if method == "uniform" and quant.entropy_constrained:
+        plan, chosen_step = _step_plan(tensors, quant)
+        options = dict(quant.as_dict(), step=chosen_step, target_ratio=target_ratio)
         to_store, dequantized = tensors, dequantize_uniform(tensors, plan)
         summary.update(options)
-        quantized_names = [n for n, (c, _) in plan.items() if c == "quant"]
-        zeros = sum(int((dequantized[n] == 0).sum()) for n in quantized_names)
-        summary["sparsity"] = zeros / max(sum(tensors[n].numel() for n in quantized_names), 1)
+        _sparsity(summary, tensors, plan, dequantized)
+    elif method == "uniform":
+        plan = uniform_plan(tensors, quant.resolved_bits, symmetric=symmetric, per_channel=per_channel,
+                            group_size=group_size)
+        options = quant.as_dict()
+        to_store, dequantized = tensors, dequantize_uniform(tensors, plan)
+        summary.update(options)
+        _sparsity(summary, tensors, plan, dequantized)
     elif method == "float":
         plan = float_plan(tensors, float_format, per_channel=per_channel)
         options = Float(format=float_format, per_channel=per_channel).as_dict()
@@ -161,4 +199,4 @@ def quantize_checkpoint(
     if task_obj is not None:
         summary.update({"task": task_obj.name, "metric": task_obj.metric_name, "metric_before": before,
                         "metric_after": after})
-    return Report.of(open_mrc(dst), method, time.perf_counter() - start, summary)
+    return Report.of(open_mrc(dst), options["method"], time.perf_counter() - start, summary)

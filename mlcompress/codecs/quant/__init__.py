@@ -3,8 +3,12 @@
 Two schemes share one payload shape (everything little-endian):
 
 * ``uniform`` (data-free integer quantization, :mod:`mlcompress.codecs.quant.uniform`):
-  params ``{scheme, bits, symmetric, rows, cols, group, scale_bytes, zp_bytes}``; payload =
-  float32 scales (one per group) | zero-point symbol stream | level section.
+  params ``{scheme, bits, symmetric, rows, cols, group, scale_bytes, zp_bytes[, scale_dtype]}``;
+  payload = scales (one per group, float32, or float16 with ``scale_dtype: "float16"``) |
+  zero-point symbol stream | level section.
+* ``step`` (entropy-constrained, :mod:`mlcompress.codecs.quant.step`): params
+  ``{scheme, rows, cols, group, codes_bytes}``; payload = step-code symbol stream (one code per
+  group) | level section. ``w = step(code) * n``, no zero-point, no clipping.
 * ``l2`` (the L² dead-zone quantizer, :mod:`mlcompress.codecs.quant.l2`): params
   ``{scheme, edge, step}`` (float32 values stored as JSON numbers, exact); payload = level section.
 
@@ -26,6 +30,7 @@ from typing import Any, Mapping
 
 from mlcompress.codecs import entropy
 from mlcompress.codecs.quant import l2, uniform
+from mlcompress.codecs.quant import step as step_grid
 from mlcompress.errors import CodecError, MrcFormatError
 from mlcompress.format.dtypes import torch_dtype
 from mlcompress.lazy import numpy as np
@@ -34,7 +39,10 @@ from mlcompress.lazy import torch
 _MODE_ANS = 0
 _MODE_PACKED = 1
 _PACKED_HEAD = struct.Struct("<iB")
-SCHEMES = ("uniform", "l2")
+SCHEMES = ("uniform", "step", "l2")
+#: How a uniform scheme's scales are stored: numpy dtype and bytes per scale. Files without
+#: ``scale_dtype`` (all before it existed, and per-tensor ones now) use float32.
+_SCALE_DTYPES = {"float32": ("<f4", 4), "float16": ("<f2", 2)}
 
 
 def pack_bits(values: np.ndarray, lo: int, width: int) -> bytes:
@@ -103,7 +111,7 @@ class QuantCodec:
                 per_channel=bool(options.get("per_channel", False)),
                 group_size=options.get("group_size"),
             )
-            scales = q.scale.numpy().astype("<f4").tobytes()
+            scales = q.scale.numpy().astype("<f2" if q.half_scales else "<f4").tobytes()
             zps = entropy.encode_symbols(q.zero_point.numpy())
             payload = scales + zps + encode_levels(q.levels.numpy())
             params = {
@@ -116,7 +124,18 @@ class QuantCodec:
                 "scale_bytes": len(scales),
                 "zp_bytes": len(zps),
             }
+            if q.half_scales:
+                params["scale_dtype"] = "float16"
             return payload, params
+        if scheme == "step":
+            q = step_grid.step_quantize(
+                tensor, float(options["step"]), per_channel=bool(options.get("per_channel", False)),
+                group_size=options.get("group_size"), lam=float(options.get("lam", step_grid.DEFAULT_LAMBDA)),
+            )
+            codes = entropy.encode_symbols(q.codes)
+            params = {"scheme": "step", "rows": q.layout.rows, "cols": q.layout.cols, "group": q.layout.group,
+                      "codes_bytes": len(codes)}
+            return codes + encode_levels(q.levels), params
         if scheme == "l2":
             edge = float(torch.tensor(float(options["edge"]), dtype=torch.float32))
             step = float(torch.tensor(float(options["step"]), dtype=torch.float32))
@@ -140,6 +159,16 @@ class QuantCodec:
             if record.length < 1:
                 raise MrcFormatError(f"{where}: quant payload is empty")
             return
+        if scheme == "step":
+            for key in ("rows", "cols", "group", "codes_bytes"):
+                v = p.get(key)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise MrcFormatError(f"{where}: quant param {key!r} must be a non-negative integer")
+            if p["rows"] * p["cols"] != record.numel or p["group"] < 1:
+                raise MrcFormatError(f"{where}: quant group layout {p['rows']}x{p['cols']} does not match shape {record.shape}")
+            if p["codes_bytes"] + 1 > record.length:
+                raise MrcFormatError(f"{where}: quant payload is shorter than its step-code section")
+            return
         if scheme != "uniform":
             raise MrcFormatError(f"{where}: unknown quant scheme {scheme!r}")
         ints = ("bits", "rows", "cols", "group", "scale_bytes", "zp_bytes")
@@ -154,7 +183,9 @@ class QuantCodec:
         if p["rows"] * p["cols"] != record.numel or p["group"] < 1:
             raise MrcFormatError(f"{where}: quant group layout {p['rows']}x{p['cols']} does not match shape {record.shape}")
         layout = uniform.GroupLayout(p["rows"], p["cols"], p["group"])
-        if p["scale_bytes"] != 4 * layout.n_groups:
+        if p.get("scale_dtype", "float32") not in _SCALE_DTYPES:
+            raise MrcFormatError(f"{where}: quant scale_dtype must be float32 or float16")
+        if p["scale_bytes"] != _SCALE_DTYPES[p.get("scale_dtype", "float32")][1] * layout.n_groups:
             raise MrcFormatError(f"{where}: quant scale section size does not match {layout.n_groups} groups")
         if p["scale_bytes"] + p["zp_bytes"] + 1 > record.length:
             raise MrcFormatError(f"{where}: quant payload is shorter than its parameter sections")
@@ -167,9 +198,11 @@ class QuantCodec:
         if p["scheme"] == "l2":
             n = torch.from_numpy(decode_levels(view, record.numel))
             return l2.dequantize_levels(n, p["edge"], p["step"], dtype).reshape(record.shape)
+        if p["scheme"] == "step":
+            return self._decode_step(view, record, dtype)
         layout = uniform.GroupLayout(p["rows"], p["cols"], p["group"])
         sb, zb = p["scale_bytes"], p["zp_bytes"]
-        scale = torch.from_numpy(np.frombuffer(view[:sb], dtype="<f4").astype(np.float32))
+        scale = torch.from_numpy(np.frombuffer(view[:sb], dtype=_SCALE_DTYPES[p.get("scale_dtype", "float32")][0]).astype(np.float32))
         if not torch.isfinite(scale).all() or (scale <= 0).any():
             raise MrcFormatError(f"tensor {record.name!r}: quant scales must be positive and finite")
         zero = torch.from_numpy(entropy.decode_symbols(view[sb : sb + zb], expected_count=layout.n_groups).astype(np.int64))
@@ -179,6 +212,34 @@ class QuantCodec:
             raise MrcFormatError(f"tensor {record.name!r}: quant levels fall outside the {p['bits']}-bit range")
         levels = torch.from_numpy(n).reshape(record.shape)
         return uniform.dequantize_grouped(levels, scale, zero, layout, dtype)
+
+    def describe(self, record) -> dict[str, Any]:
+        """What ``inspect`` shows: the scheme and its grid (groups, bit width, step codes)."""
+        p = record.params
+        out: dict[str, Any] = {"scheme": p.get("scheme")}
+        if p.get("scheme") == "uniform":
+            out["bits"] = p.get("bits")
+        if p.get("scheme") in ("uniform", "step"):
+            groups = p["rows"] * (-(-p["cols"] // p["group"]) if p.get("cols") else 0)
+            out["groups"] = groups
+            if p.get("scale_dtype"):
+                out["scales"] = p["scale_dtype"]
+        if p.get("scheme") == "l2":
+            out["step"] = p.get("step")
+        return out
+
+    @staticmethod
+    def _decode_step(view: memoryview, record, dtype) -> torch.Tensor:
+        p = record.params
+        layout = uniform.GroupLayout(p["rows"], p["cols"], p["group"])
+        cb = p["codes_bytes"]
+        codes = entropy.decode_symbols(view[:cb], expected_count=layout.n_groups).astype(np.int64)
+        if codes.size and (codes.min() < step_grid.MIN_CODE or codes.max() > step_grid.MAX_CODE):
+            raise MrcFormatError(f"tensor {record.name!r}: quant step codes fall outside {step_grid.MIN_CODE}..{step_grid.MAX_CODE}")
+        n = decode_levels(view[cb:], record.numel)
+        if n.size and int(np.abs(n).max()) > step_grid.MAX_LEVEL:
+            raise MrcFormatError(f"tensor {record.name!r}: quant levels exceed +-{step_grid.MAX_LEVEL}")
+        return step_grid.dequantize(n.reshape(record.shape), codes, layout, dtype)
 
 
 CODEC = QuantCodec()

@@ -1,0 +1,149 @@
+"""Rate control for entropy-constrained quantization: tensor steps for a target file size.
+
+How the steps of the tensors relate (``allocation``):
+
+* ``equal``: every tensor gets the same step. With the squared weight error as the objective
+  this is the optimal allocation (at high rate each weight's error is ``step**2/12`` whatever
+  its tensor, and a finer step costs every weight the same ``-log2`` bits; equal slopes mean
+  equal steps). It is NNC's single quantization parameter.
+* ``norm`` (default): each tensor's step is proportional to its Frobenius norm
+  ``||W|| = rms * sqrt(numel)``. This minimises the summed *relative* output error of the layers,
+  ``sum_l step_l**2 / rms_l**2``, at a given total rate ``sum_l numel_l * log2(1/step_l)``: the
+  Lagrangian gives ``step_l**2 ∝ numel_l * rms_l**2``. Every layer's output noise counts the
+  same whatever its size, so small layers (the first convolution, the classifier) get fine
+  steps that cost few bytes, and the big layers that hold the bytes get coarse ones. Measured
+  on two LeNet-5s at 25x: +0.53/+0.36 points against +2.13/+0.87 for ``equal``
+  (docs/quantize.md).
+
+``--step S`` gives the step of the tensor with the largest norm (every tensor's with
+``equal``); ``--target-ratio R`` searches it.
+
+The search bisects the step on a log scale against the payload size estimated from histograms
+(:func:`mlcompress.codecs.quant.step.estimated_payload_bytes`), with the rest of the file (header,
+tensors stored losslessly) measured once from a real file; a final real file is then written and,
+if it misses the target by more than 1%, the estimate's error is taken out and the search run
+once more. The reported ratio is always the written file's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+
+from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA
+from mlcompress.codecs.quant.step import check_step, estimated_payload_bytes, step_quantize
+from mlcompress.errors import UsageError
+from mlcompress.options import ALLOCATIONS, check_target_ratio
+from mlcompress.quant.plan import FileSize, Plan, is_quantizable
+
+SEARCH_ITERATIONS = 40
+#: How close the written file must come to the target before the search stops.
+TOLERANCE = 0.01
+
+
+def check_allocation(allocation: str) -> None:
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown step allocation {allocation!r}", hint=f"use one of: {', '.join(ALLOCATIONS)}")
+
+
+def step_factors(tensors: Mapping[str, torch.Tensor], allocation: str = "norm") -> dict[str, float]:
+    """Each quantizable tensor's step relative to the given ``--step`` (the largest is 1)."""
+    check_allocation(allocation)
+    names = [n for n, t in tensors.items() if is_quantizable(t)]
+    if allocation == "equal":
+        return {n: 1.0 for n in names}
+    norms = {n: float(torch.linalg.vector_norm(tensors[n].detach().double())) for n in names}
+    top = max(norms.values(), default=0.0)
+    return {n: (v / top if v > 0 and top > 0 else 1.0) for n, v in norms.items()}
+
+
+def step_plan(tensors: Mapping[str, torch.Tensor], step: float, *, allocation: str = "norm",
+              per_channel: bool = False, group_size: int | None = None, lam: float = DEFAULT_LAMBDA,
+              factors: Mapping[str, float] | None = None) -> Plan:
+    """``quant`` with the ``step`` scheme for quantizable tensors, ``lossless`` for the rest."""
+    check_step(step)
+    factors = factors if factors is not None else step_factors(tensors, allocation)
+    options = {"scheme": "step", "per_channel": per_channel, "group_size": group_size, "lam": float(lam)}
+    return {name: (("quant", dict(options, step=float(step) * factors[name])) if name in factors else ("lossless", {}))
+            for name in tensors}
+
+
+def _start_step(tensors: Mapping[str, torch.Tensor], names: list[str]) -> float:
+    """A step of the order of the largest tensor's RMS: the search's first bracket point."""
+    rms = max(float(tensors[n].detach().double().pow(2).mean().sqrt()) for n in names)
+    return rms if rms > 0 else 1.0
+
+
+def search_step(
+    tensors: Mapping[str, torch.Tensor],
+    target_ratio: float,
+    measure: Callable[[Plan], FileSize],
+    *,
+    allocation: str = "norm",
+    per_channel: bool = False,
+    group_size: int | None = None,
+    lam: float = DEFAULT_LAMBDA,
+) -> tuple[float, Plan, FileSize]:
+    """The global step whose file is ``fp32 bytes / target_ratio`` bytes, its plan and its size.
+
+    ``measure(plan)`` writes a real file for ``plan`` and returns its size. Raises a usage error
+    when the target cannot be reached (the losslessly stored tensors and the header alone are
+    bigger than the target, or the finest step is still too small a ratio).
+    """
+    check_target_ratio(target_ratio)
+    names = [n for n, t in tensors.items() if is_quantizable(t)]
+    if not names:
+        raise UsageError("--target-ratio: the model has no tensor to quantize (conv/linear weights)")
+    factors = step_factors(tensors, allocation)
+    quantizer: dict[str, Any] = {"per_channel": per_channel, "group_size": group_size, "lam": lam}
+    kwargs: dict[str, Any] = dict(quantizer, factors=factors)
+
+    def estimate(step: float) -> float:
+        return sum(estimated_payload_bytes(step_quantize(tensors[n], step * factors[n], **quantizer)) for n in names)
+    start = _start_step(tensors, names)
+    first = measure(step_plan(tensors, start, **kwargs))
+    fixed = first.file_bytes - first.quantized_payload_bytes
+    target_bytes = first.fp32_bytes / target_ratio
+    budget = target_bytes - fixed
+    if budget <= 0:
+        raise UsageError(f"--target-ratio {target_ratio:g} is out of reach: the tensors stored losslessly and the "
+                         f"header alone take {fixed:,} bytes (target {target_bytes:,.0f})",
+                         hint="ask for a smaller ratio")
+    size = first
+    step = start
+    for _attempt in range(3):
+        step = _bisect(estimate, budget, start)
+        size = measure(step_plan(tensors, step, **kwargs))
+        if abs(size.file_bytes - target_bytes) <= TOLERANCE * target_bytes:
+            break
+        # Take the estimate's error out of the budget and search again.
+        budget -= size.file_bytes - target_bytes
+        if budget <= 0:
+            break
+    return step, step_plan(tensors, step, **kwargs), size
+
+
+def _bisect(estimate: Callable[[float], float], budget: float, start: float) -> float:
+    """The smallest step (on a log scale) whose estimated payload fits ``budget``."""
+    lo, hi = math.log2(start), math.log2(start)
+    # Bracket: payload(step) falls as the step grows.
+    while estimate(2.0 ** hi) > budget:
+        hi += 2.0
+        if hi - math.log2(start) > 40:
+            raise UsageError("--target-ratio is out of reach even with every weight at level 0",
+                             hint="ask for a smaller ratio")
+    while estimate(2.0 ** lo) <= budget:
+        lo -= 2.0
+        if math.log2(start) - lo > 40:
+            return 2.0 ** lo
+    for _ in range(SEARCH_ITERATIONS):
+        mid = 0.5 * (lo + hi)
+        if estimate(2.0 ** mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1.0 / 256:
+            break
+    return 2.0 ** hi
