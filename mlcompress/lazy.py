@@ -44,3 +44,5 @@ torch: Any = LazyModule("torch")
 numpy: Any = LazyModule("numpy")
 #: The entropy coder: only encoding and decoding payloads need it, never ``inspect``.
 constriction: Any = LazyModule("constriction")
+#: zstd, the lossless2 codec's entropy stage: only its payloads need it.
+zstandard: Any = LazyModule("zstandard")

@@ -9,11 +9,16 @@ A codec is any object with a stable ``name`` (the id written in the ``.mrc`` hea
   and ``record.dtype``. ``device`` is where the work may run (only REC uses it; the bits never
   depend on it); the result may be on the CPU, the container moves it.
 * ``encode(tensor, options) -> (payload: bytes, params: dict)`` -- for codecs that code one
-  tensor on its own; ``params`` must be JSON-able. REC has none: its blocks are chosen jointly
-  over the whole model by :mod:`mlcompress.rec`, and decoding must not import encoder code.
+  tensor on its own; ``params`` must be JSON-able (the payload may also be a memoryview of
+  bytes). REC has none: its blocks are chosen jointly over the whole model by
+  :mod:`mlcompress.rec`, and decoding must not import encoder code.
+* ``parallel = True`` -- optional: the codec splits its work into chunks fixed by its format,
+  takes a ``threads`` encode option and a ``threads=`` decode keyword, and writes the same
+  bytes for any thread count (``lossless2``). The container passes ``threads`` only to these.
 
-Codecs depend only on :mod:`mlcompress.format`; adding one means a module here and a
-:func:`register` call, and the container, checkpoint I/O and CLI never change. Codec names are
+Codecs depend only on :mod:`mlcompress.format` (and :mod:`mlcompress.workers` for threads);
+adding one means a module here and a :func:`register` call, and the container, checkpoint I/O
+and CLI never change. Codec names are
 explicit strings, never derived from registration order, so a file written today decodes with
 any later version. Importing this package imports neither torch nor numpy (see
 :mod:`mlcompress.lazy`): ``inspect`` validates a header with it in well under a second.
@@ -77,10 +82,11 @@ def describe(record: TensorRecord) -> Mapping[str, Any]:
 
 # The built-in codecs register themselves; they import only mlcompress.format and each other.
 from mlcompress.codecs import lossless as _lossless  # noqa: E402
+from mlcompress.codecs import lossless2 as _lossless2  # noqa: E402
 from mlcompress.codecs import low_precision as _low_precision  # noqa: E402
 from mlcompress.codecs import quant as _quant  # noqa: E402
 from mlcompress.codecs import raw as _raw  # noqa: E402
 from mlcompress.codecs import rec as _rec  # noqa: E402
 
-for _module in (_raw, _lossless, _low_precision, _quant, _rec):
+for _module in (_raw, _lossless, _lossless2, _low_precision, _quant, _rec):
     register(_module.CODEC)

@@ -15,6 +15,8 @@ from mlcompress.lazy import torch
 def tensor_to_le_bytes(tensor: torch.Tensor) -> bytes:
     """Little-endian bytes of a tensor (bfloat16 and bool included), whatever the host order."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:  # torch may give an empty tensor a stride of 0, which cannot be viewed as bytes
+        return b""
     data = flat.view(torch.uint8).numpy()
     if sys.byteorder == "big" and flat.element_size() > 1:
         data = data.reshape(-1, flat.element_size())[:, ::-1]
