@@ -50,14 +50,16 @@ def _existing(path: str | os.PathLike) -> Path:
 
 def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method | None = None, force: bool = False,
            unsafe_pickle: bool = False, progress: Progress | None = None,
-           dequantized: str | os.PathLike | None = None, device: str = "auto") -> Report:
+           dequantized: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None) -> Report:
     """Compress ``src`` (a checkpoint path, a posterior file, or a dict of tensors) into ``dst``.
 
     ``dst`` defaults to ``src`` with the suffix ``.mrc`` (required when ``src`` is a dict).
     ``method`` is one of ``Rec()``, ``Lossless()``, ``Quant()``, ``L2()``, ``Float()``, ``Prune()``;
     ``None`` means REC for a posterior file (what ``fit-posterior`` wrote) and is an error otherwise.
     ``dequantized`` (``Quant``/``L2``/``Float`` only) also writes the reconstructed weights there.
-    ``device`` is where that automatic REC runs; a given method carries its own.
+    ``device`` is where that automatic REC runs; a given method carries its own. ``threads``
+    (``Lossless`` only; default: all cores) code each tensor's chunks in parallel, without
+    changing a byte of the file.
     """
     tensors = None if isinstance(src, (str, os.PathLike)) else dict(src)
     if tensors is None:
@@ -81,7 +83,8 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
     if isinstance(method, Lossless):
         from mlcompress.lossless import encode_lossless
 
-        return encode_lossless(name, dst, force=force, unsafe_pickle=unsafe_pickle, progress=progress, tensors=tensors)
+        return encode_lossless(name, dst, force=force, unsafe_pickle=unsafe_pickle, progress=progress, tensors=tensors,
+                               threads=threads)
     if tensors is not None:
         raise UsageError(f"method {method.name} reads a checkpoint file; save the tensors first")
     if dequantized is not None and not isinstance(method, (Quant, L2, Float)):
@@ -123,39 +126,42 @@ def encode_bytes(src: Source, *, method: Method | None = None, unsafe_pickle: bo
         return out.read_bytes()
 
 
-def _decoded(mrc: Any, device: str, keep_dtype: bool) -> dict[str, Any]:
+def _decoded(mrc: Any, device: str, keep_dtype: bool, threads: int | None = None) -> dict[str, Any]:
     from mlcompress.device import resolve_device
 
     if not keep_dtype:
-        return mrc.tensors(device=resolve_device(device))
+        return mrc.tensors(device=resolve_device(device), threads=threads)
     from mlcompress.quant.stored_dtype import decode_stored_dtype
 
     return decode_stored_dtype(mrc, device=resolve_device(device))
 
 
-def decode(source: str | os.PathLike | bytes, *, device: str = "cpu", keep_dtype: bool = False) -> dict[str, Any]:
+def decode(source: str | os.PathLike | bytes, *, device: str = "cpu", keep_dtype: bool = False,
+           threads: int | None = None) -> dict[str, Any]:
     """Every tensor of a ``.mrc`` file (a path or its bytes), decoded on ``device``.
 
     Names, shapes and dtypes are the ones encoded; tied tensors come back as one tensor object.
     The bits never depend on the device (``auto``, ``cpu`` or ``cuda``). ``keep_dtype`` leaves
     tensors converted by ``Float`` in their low-precision format (fp8 ones with a float32
     ``<name>_scale`` beside them, docs/quantize.md) instead of the dtype they were encoded from.
+    ``threads`` (default: all cores) decode a ``lossless2`` tensor's chunks in parallel.
     """
-    return _decoded(open_mrc(source), device, keep_dtype)
+    return _decoded(open_mrc(source), device, keep_dtype, threads)
 
 
-def decode_bytes(data: bytes, *, device: str = "cpu", keep_dtype: bool = False) -> dict[str, Any]:
+def decode_bytes(data: bytes, *, device: str = "cpu", keep_dtype: bool = False,
+                 threads: int | None = None) -> dict[str, Any]:
     """:func:`decode` of a ``.mrc`` file held in memory."""
-    return decode(bytes(data), device=device, keep_dtype=keep_dtype)
+    return decode(bytes(data), device=device, keep_dtype=keep_dtype, threads=threads)
 
 
 def decode_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, force: bool = False,
-                device: str = "cpu", keep_dtype: bool = False) -> Report:
+                device: str = "cpu", keep_dtype: bool = False, threads: int | None = None) -> Report:
     """Decode ``src`` and save the weights to ``dst`` (default: ``src`` as ``.safetensors``).
 
     The report's ``path`` is the written checkpoint; its sizes are those of the ``.mrc``, with
     ``output_bytes`` among the details. Nothing is written unless every tensor decodes.
-    ``keep_dtype`` is :func:`decode`'s.
+    ``keep_dtype`` and ``threads`` are :func:`decode`'s.
     """
     start = time.perf_counter()
     mrc = open_mrc(src)
@@ -167,7 +173,7 @@ def decode_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
         raise InputError(f"cannot write {dst.name}: unknown output format", hint="use .safetensors or .pt")
     check_destination(dst, force=force)
     on_cpu: dict[int, Any] = {}  # keyed by tensor identity, so tied tensors stay one tensor
-    tensors = {k: on_cpu.setdefault(id(v), v.cpu()) for k, v in _decoded(mrc, device, keep_dtype).items()}
+    tensors = {k: on_cpu.setdefault(id(v), v.cpu()) for k, v in _decoded(mrc, device, keep_dtype, threads).items()}
     save_checkpoint(tensors, dst, force=force)
     details = {"input": str(src), "output_bytes": dst.stat().st_size}
     return Report.of(mrc, mrc.metadata.get("options", {}).get("method", "?"), time.perf_counter() - start, details,

@@ -29,9 +29,14 @@ def base_metadata(src: str | os.PathLike | None, options: Mapping[str, Any]) -> 
     return out
 
 
-def smallest_lossless(name: str, tensor: Any) -> EncodedTensor:
-    """``lossless`` if it is smaller than the raw bytes, else ``raw``."""
-    coded = encode_tensor(name, tensor, "lossless", {})
+def smallest_lossless(name: str, tensor: Any, threads: int | None = None) -> EncodedTensor:
+    """``lossless2`` (zstd-coded byte planes) if it is smaller than the raw bytes, else ``raw``.
+
+    ``threads`` is how many threads code the tensor's chunks (default: all cores); the bytes
+    never depend on it. (Files from before ``lossless2`` hold ``lossless`` tensors; they still
+    decode, but nothing writes that codec by default any more: docs/lossless.md.)
+    """
+    coded = encode_tensor(name, tensor, "lossless2", {"threads": threads})
     if len(coded.payload) < tensor.numel() * tensor.element_size():
         return coded
     return encode_tensor(name, tensor, "raw", {})

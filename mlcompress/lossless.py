@@ -1,8 +1,9 @@
 """The lossless method: every tensor of a checkpoint, bit-exactly, in a ``.mrc``.
 
-Each tensor is stored with the ``lossless`` codec (entropy-coded float bit fields) unless its
-bytes as they are would be no larger (tiny tensors, where the frequency tables cost more than
-they save), then ``raw``. Tied tensors are stored once.
+Each tensor is stored with the ``lossless2`` codec (zstd-coded byte planes, chunked so threads
+share the work) unless its bytes as they are would be no larger (tiny tensors, where the
+length table and frame headers cost more than they save), then ``raw``. Tied tensors are
+stored once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mlcompress.checkpoint import load_checkpoint
 from mlcompress.container import EncodedTensor, encode_entries, open_mrc, write_encoded
 from mlcompress.progress import Progress, report
 from mlcompress.report import Report
+from mlcompress.workers import resolve_threads
 
 
 def encode_lossless(
@@ -29,18 +31,22 @@ def encode_lossless(
     unsafe_pickle: bool = False,
     progress: Progress | None = None,
     tensors: Mapping[str, Any] | None = None,
+    threads: int | None = None,
 ) -> Report:
     """Losslessly encode the checkpoint at ``src`` into ``dst`` (default: beside it, ``.mrc``).
 
     ``tensors`` may be given to skip loading (``src`` is then only recorded as the source name).
+    ``threads`` (default: all cores) code each tensor's chunks in parallel; the file's bytes
+    never depend on it.
     """
+    threads = resolve_threads(threads)
     start = time.perf_counter()
     dst = Path(dst) if dst is not None else default_output(src)
     check_destination(dst, force=force)
     if tensors is None:
         tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
     total = len(tensors)
-    entries = encode_entries(tensors, smallest_lossless, lambda done: report(progress, "tensors", done, total, "tensors"))
+    entries = encode_entries(tensors, lambda name, t: smallest_lossless(name, t, threads), lambda done: report(progress, "tensors", done, total, "tensors"))
     write_encoded(dst, entries, base_metadata(src, {"method": "lossless"}), force=force)
     codecs = Counter(e.codec for e in entries if isinstance(e, EncodedTensor))
     return Report.of(open_mrc(dst), "lossless", time.perf_counter() - start, {"codecs": dict(sorted(codecs.items()))})

@@ -152,7 +152,7 @@ def test_inspect_json_adds_up(encoded):
     rows = {row["name"]: row for row in summary["tensors"]}
     assert set(rows) == set(model_state())
     assert rows["head.weight"]["codec"] == "alias" and rows["head.weight"]["alias_of"] == "emb.weight"
-    assert rows["fc.weight"]["codec"] == "lossless"
+    assert rows["fc.weight"]["codec"] == "lossless2"
     assert rows["fc.weight"]["dtype"] == "float32" and rows["fc.weight"]["shape"] == [3001, 8]
 
 

@@ -20,6 +20,7 @@ def decode(
     output: options.Output = None,
     force: options.Force = False,
     device: options.Device = "auto",
+    threads: options.Threads = None,
     keep_dtype: Annotated[bool, typer.Option("--keep-dtype", help="Write --float tensors in their low-precision dtype (bf16, fp16, or fp8 with a float32 <name>_scale beside each) instead of the dtype they were encoded from.")] = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
@@ -27,7 +28,7 @@ def decode(
 ) -> None:
     """Restore the weights of a .mrc file (default: beside it, as .safetensors)."""
     out = Output(json, quiet)
-    report = api.decode_file(container, output, force=force, device=device, keep_dtype=keep_dtype)
+    report = api.decode_file(container, output, force=force, device=device, keep_dtype=keep_dtype, threads=threads)
     summary = {**report.details, "output": str(report.path), "tensors": report.tensors,
                "parameters": report.parameters, "seconds": report.seconds}
 

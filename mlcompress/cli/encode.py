@@ -21,7 +21,7 @@ from mlcompress.errors import UsageError
 def encode(
     model: Annotated[Path, typer.Argument(help="Checkpoint: .pt/.pth/.bin, .safetensors, TorchScript, or a Hugging Face model directory.")],
     output: options.Output = None,
-    lossless: Annotated[bool, typer.Option("--lossless", help="Store every tensor bit-exactly (entropy-coded float bit fields).")] = False,
+    lossless: Annotated[bool, typer.Option("--lossless", help="Store every tensor bit-exactly (zstd-coded byte planes of each value).")] = False,
     bits_per_block: Annotated[Optional[int], typer.Option("--bits-per-block", help=f"REC (MIRACLE): bits per block, 1..{MAX_BITS_PER_BLOCK} (default {DEFAULT_BITS_PER_BLOCK}; a posterior file sets its own). Each block scores 2^bits candidates.")] = None,
     bits_per_weight: Annotated[Optional[float], typer.Option("--bits-per-weight", help="REC budget in bits per coded weight (default 2.0).")] = None,
     kl_budget: Annotated[Optional[float], typer.Option("--kl-budget", help="REC budget: total KL in bits over all REC tensors.")] = None,
@@ -34,6 +34,7 @@ def encode(
     retrain_steps: Annotated[int, typer.Option("--retrain-steps", help="Progressive REC (needs --task and a posterior file): retrain the blocks not yet coded this many steps after each group.")] = 0,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Progressive REC: blocks coded per group (default: half of the blocks not yet coded, each time).")] = None,
     device: options.Device = "auto",
+    threads: options.Threads = None,
     force: options.Force = False,
     unsafe_pickle: options.UnsafePickle = False,
     json: options.Json = False,
@@ -71,7 +72,7 @@ def encode(
                         f"{update.info['loss']:.4f}, test {update.info['metric_name']} {update.info['metric']:.4f}")
 
         report = api.encode(model, output, method=method, force=force, unsafe_pickle=unsafe_pickle, progress=receive,
-                            device=device)
+                            device=device, threads=threads)
     summary = report.to_json()
 
     def render(console: Console) -> None:

@@ -10,9 +10,15 @@ from typing import Any, BinaryIO, Iterator
 
 from mlcompress import codecs
 from mlcompress.errors import InputError, MrcFormatError
+from mlcompress.workers import resolve_threads, submit
 from mlcompress.format.dtypes import torch_dtype
 from mlcompress.format.header import PREAMBLE, Unit, check_layout, decode_header, parse_header, read_preamble
 from mlcompress.format.records import GroupRecord, TensorRecord
+from mlcompress.lazy import numpy as np
+
+#: Payloads at least this large have their CRC computed on a worker thread while a parallel
+#: codec decodes them (docs/lossless.md): below it the hand-off costs more than it saves.
+CONCURRENT_CRC_BYTES = 1 << 20
 
 
 class MrcFile:
@@ -44,17 +50,28 @@ class MrcFile:
             raise InputError(f"no tensor named {name!r} in {self.path}") from None
         return self._by_name[rec.alias_of] if rec.alias_of is not None else rec
 
-    def _read(self, offset: int, length: int, crc: int, what: str) -> bytes:
+    def _read_unchecked(self, offset: int, length: int, what: str, view: bool = False) -> bytes | memoryview:
+        """The payload bytes at ``offset``; from a file opened in memory, a view of them when
+        ``view`` (for codecs that take any buffer), else a copy."""
         if self._data is not None:
-            data = self._data[offset : offset + length]
+            data = memoryview(self._data)[offset : offset + length] if view else self._data[offset : offset + length]
+        elif view:
+            data = _read_into_array(self.path, offset, length)
         else:
             with open(self.path, "rb") as f:
                 f.seek(offset)
                 data = f.read(length)
         if len(data) != length:
             raise MrcFormatError(f"{self.path}: payload of {what} is truncated")
+        return data
+
+    def _checksum_error(self, what: str) -> MrcFormatError:
+        return MrcFormatError(f"{self.path}: checksum mismatch in payload of {what}")
+
+    def _read(self, offset: int, length: int, crc: int, what: str) -> bytes:
+        data = self._read_unchecked(offset, length, what)
         if zlib.crc32(data) != crc:
-            raise MrcFormatError(f"{self.path}: checksum mismatch in payload of {what}")
+            raise self._checksum_error(what)
         return data
 
     def payload(self, name: str) -> bytes:
@@ -70,26 +87,74 @@ class MrcFile:
         start = rec.offset - group.offset
         return data[start : start + rec.length]
 
-    def tensor(self, name: str, *, device: Any = "cpu") -> Any:
-        """Decode one tensor on ``device`` (a torch device or its name; the bits never depend on it)."""
+    def tensor(self, name: str, *, device: Any = "cpu", threads: int | None = None) -> Any:
+        """Decode one tensor on ``device`` (a torch device or its name; the bits never depend on it).
+
+        ``threads`` (default: all cores) is how many threads a codec that splits its work
+        (``lossless2``) may use; the result never depends on it.
+        """
         rec = self.record(name)
-        out = codecs.get(rec.codec).decode(self.payload(rec.name), rec, device)
+        codec = codecs.get(rec.codec)
+        if getattr(codec, "parallel", False):
+            out = self._decode_parallel(codec, rec, device, resolve_threads(threads))
+        else:
+            out = codec.decode(self.payload(rec.name), rec, device)
         if tuple(out.shape) != rec.shape or out.dtype != torch_dtype(rec.dtype):
             raise MrcFormatError(
                 f"{self.path}: {rec.name!r} decoded to {tuple(out.shape)} {out.dtype}, header says {rec.shape} {rec.dtype}"
             )
         return out if out.device == device else out.to(device)
 
-    def tensors(self, *, device: Any = "cpu") -> dict[str, Any]:
-        """Decode every tensor on ``device``; aliases are restored as the very same tensor object."""
+    def _decode_parallel(self, codec: Any, rec: TensorRecord, device: Any, threads: int) -> Any:
+        """Decode with a codec that takes ``threads``; a large payload's CRC is computed on a
+        worker meanwhile (the decoded tensor is returned only once the CRC matched)."""
+        if rec.group is not None:
+            return codec.decode(self.payload(rec.name), rec, device, threads=threads)
+        data = self._read_unchecked(rec.offset, rec.length, repr(rec.name), view=True)
+        if threads == 1 or rec.length < CONCURRENT_CRC_BYTES:
+            if zlib.crc32(data) != rec.crc32:
+                raise self._checksum_error(repr(rec.name))
+            return codec.decode(data, rec, device, threads=threads)
+        crc = submit(threads, zlib.crc32, data)
+        try:
+            out = codec.decode(data, rec, device, threads=threads)
+        except MrcFormatError:
+            if crc.result() != rec.crc32:  # damage is reported as damage, not as what it broke
+                raise self._checksum_error(repr(rec.name)) from None
+            raise
+        if crc.result() != rec.crc32:
+            raise self._checksum_error(repr(rec.name))
+        return out
+
+    def tensors(self, *, device: Any = "cpu", threads: int | None = None) -> dict[str, Any]:
+        """Decode every tensor on ``device``; aliases are restored as the very same tensor object.
+        ``threads`` is :meth:`tensor`'s."""
         out: dict[str, Any] = {}
+        threads = resolve_threads(threads)
         for rec in self.records:
             if rec.alias_of is None:
-                out[rec.name] = self.tensor(rec.name, device=device)
+                out[rec.name] = self.tensor(rec.name, device=device, threads=threads)
         return {r.name: out[r.alias_of or r.name] for r in self.records}
 
     def __iter__(self) -> Iterator[TensorRecord]:
         return iter(self.records)
+
+
+def _read_into_array(path: Path, offset: int, length: int) -> memoryview:
+    """``length`` bytes of ``path`` from ``offset`` (fewer at the end of the file) in a fresh
+    numpy buffer. Why not ``f.read``: numpy backs large buffers with huge pages, and on the
+    machines measured (docs/lossless.md) first touching a large ``bytes`` object's 4 KiB pages
+    cost about as much as decoding it."""
+    buffer = memoryview(np.empty(length, dtype=np.uint8))
+    got = 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while got < length:
+            n = f.readinto(buffer[got:])
+            if not n:
+                break
+            got += n
+    return buffer[:got]
 
 
 def open_mrc(source: str | os.PathLike | bytes) -> MrcFile:

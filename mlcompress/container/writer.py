@@ -134,7 +134,11 @@ def encode_tensor(name: str, tensor: Any, codec_name: str, options: Mapping[str,
     tensor = tensor.detach().to("cpu").contiguous()
     dtype = dtype_name(tensor.dtype)
     payload, params = codecs.encoder(codec_name).encode(tensor, options)
-    return EncodedTensor(name, tuple(tensor.shape), dtype, codec_name, params, bytes(payload))
+    # A memoryview (of bytes) is kept as it is: lossless2 hands one over a numpy buffer, and
+    # copying a large payload into a fresh bytes object costs page faults for nothing.
+    if not isinstance(payload, memoryview):
+        payload = bytes(payload)
+    return EncodedTensor(name, tuple(tensor.shape), dtype, codec_name, params, payload)
 
 
 def encode_entries(tensors: Mapping[str, Any], encode_one: Callable[[str, Any], EncodedTensor],

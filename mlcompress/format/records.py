@@ -60,14 +60,15 @@ class TensorRecord:
 
 @dataclass
 class EncodedTensor:
-    """A tensor already encoded by a codec, ready to be placed in a container."""
+    """A tensor already encoded by a codec, ready to be placed in a container. ``payload`` is
+    bytes, or a memoryview of bytes (format ``B``, so its ``len`` is its size)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     codec: str
     params: dict[str, Any]
-    payload: bytes
+    payload: bytes | memoryview
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,349 @@
+"""The ``lossless2`` codec: bit-exact for every dtype and bit pattern, the same bytes for any
+thread count, old ``lossless`` files still decoding, and damaged payloads refused in one line.
+
+Equality is checked on bit patterns (tests/bitexact.py), never with ``==``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitexact import assert_bit_exact, assert_same_tensors
+
+from mlcompress import codecs
+from mlcompress.assembly import smallest_lossless
+from mlcompress.codecs.lossless2 import CHUNK, MAX_CHUNK, PLANES
+from mlcompress.container import TensorRecord, open_mrc, write_mrc
+from mlcompress.errors import CodecError, MrcFormatError, UsageError
+from mlcompress.format.dtypes import dtype_name
+from mlcompress.lossless import encode_lossless
+
+CODEC = codecs.get("lossless2")
+ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16,
+              torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+FLOAT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+UNSIGNED = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
+
+
+def record(t: torch.Tensor, params: dict, length: int) -> TensorRecord:
+    return TensorRecord("w", tuple(t.shape), dtype_name(t.dtype), "lossless2", params, 0, length, 0)
+
+
+def roundtrip(t: torch.Tensor, threads: int = 1, **options) -> torch.Tensor:
+    """Encode and decode through the codec alone, validating the record as a reader would."""
+    payload, params = CODEC.encode(t, {"threads": threads, **options})
+    rec = record(t, params, len(payload))
+    CODEC.check(rec)
+    return CODEC.decode(bytes(payload), rec, threads=threads)
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) < 0.3
+    info = torch.iinfo(dtype)
+    lo, hi = (info.min, info.max) if dtype != torch.int64 else (-(1 << 62), 1 << 62)
+    return torch.randint(lo, hi, shape, generator=g, dtype=torch.int64).to(dtype)
+
+
+def from_bits(words, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor holding exactly these unsigned bit patterns."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    if len(words) == 0:
+        return torch.empty(0, dtype=dtype)
+    arr = np.asarray(words, dtype=np.uint64).astype(UNSIGNED[size])
+    return torch.from_numpy(arr.copy()).view(torch.uint8).view(dtype) if size == 1 else \
+        torch.from_numpy(arr.view(f"i{size}").copy()).view(dtype)
+
+
+SPECIALS = {  # NaNs (quiet, signalling, negative, with payloads), +-Inf, +-0, subnormals, max, 1
+    torch.float32: [0x7FC00000, 0x7F800001, 0xFFC00001, 0x7FFFFFFF, 0x7FA5A5A5, 0x7F800000, 0xFF800000,
+                    0x00000000, 0x80000000, 0x00000001, 0x007FFFFF, 0x80000001, 0x7F7FFFFF, 0x3F800000],
+    torch.float64: [0x7FF8000000000000, 0x7FF0000000000001, 0xFFF8000000000001, 0x7FFFFFFFFFFFFFFF,
+                    0x7FFA5A5A5A5A5A5A, 0x7FF0000000000000, 0xFFF0000000000000, 0x0, 0x8000000000000000,
+                    0x1, 0x000FFFFFFFFFFFFF, 0x8000000000000001, 0x7FEFFFFFFFFFFFFF, 0x3FF0000000000000],
+    torch.float16: [0x7E00, 0x7C01, 0xFE01, 0x7FFF, 0x7D55, 0x7C00, 0xFC00, 0x0000, 0x8000, 0x0001, 0x03FF,
+                    0x8001, 0x7BFF, 0x3C00],
+    torch.bfloat16: [0x7FC0, 0x7F81, 0xFFC1, 0x7FFF, 0x7FA5, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x007F,
+                     0x8001, 0x7F7F, 0x3F80],
+}
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", [CHUNK, 1000, 1], ids=["default-chunk", "chunk-1000", "chunk-1"])
+def test_random_values_roundtrip_bit_exact(dtype, chunk):
+    t = random_tensor(dtype, (37, 29) if chunk > 1 else (5, 7))
+    assert_bit_exact(roundtrip(t, chunk=chunk), t)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_special_values_roundtrip_bit_exact(dtype):
+    special = from_bits(SPECIALS[dtype], dtype)
+    # Mixed into ordinary weights so the exponent plane goes through zstd, split over chunks.
+    t = torch.cat([random_tensor(dtype, (3000,)), special.repeat(50), random_tensor(dtype, (3000,), seed=1)])
+    payload, params = CODEC.encode(t, {"chunk": 2048})
+    lengths = np.frombuffer(bytes(payload), "<u4", count=4 * len(PLANES[dtype_name(dtype)]))
+    assert (lengths < 2048 * np.array([w for _, w in PLANES[dtype_name(dtype)]] * 4)).any()  # some zstd planes
+    out = roundtrip(t, chunk=2048)
+    assert_bit_exact(out, t)
+    nan_bits = {out[3000 + i:3001 + i].view(torch.uint8).numpy().tobytes() for i in range(len(SPECIALS[dtype]))
+                if torch.isnan(out[3000 + i].float())}
+    assert len(nan_bits) == 5
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_special_values_alone_roundtrip(dtype):
+    t = from_bits(SPECIALS[dtype], dtype)
+    assert_bit_exact(roundtrip(t), t)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool], ids=str)
+def test_integer_extremes_roundtrip(dtype):
+    if dtype == torch.bool:
+        t = torch.tensor([True, False, True, True] * 500)
+    else:
+        info = torch.iinfo(dtype)
+        t = torch.tensor([info.min, info.max, 0, -1 if info.min < 0 else 1, info.min + 1, info.max - 1] * 400, dtype=dtype)
+    assert_bit_exact(roundtrip(t, chunk=1000), t)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0,), (3, 0), ()], ids=["empty", "3x0", "scalar"])
+def test_empty_and_scalar_roundtrip(dtype, shape):
+    t = random_tensor(dtype, shape, seed=3)
+    out = roundtrip(t)
+    assert_bit_exact(out, t)
+    assert out.dim() == len(shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from([d for d in ALL_DTYPES if d != torch.bool]), chunk=st.integers(1, 40),
+       data=st.data())
+def test_any_bit_pattern_roundtrips(dtype, chunk, data):
+    """Every bit pattern of every dtype (NaN payloads, subnormals, -0.0 included) survives."""
+    bits = 8 * torch.empty(0, dtype=dtype).element_size()
+    words = data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=0, max_size=120))
+    t = from_bits(words, dtype)
+    assert_bit_exact(roundtrip(t, chunk=chunk), t)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_non_contiguous_input_through_a_file(dtype, tmp_path):
+    base = random_tensor(dtype, (24, 40), seed=5)
+    views = {"transposed": base.t(), "strided": base[::3, 1::2], "expanded": base[:1].expand(5, 40)}
+    write_mrc(tmp_path / "nc.mrc", views, lambda name, t: ("lossless2", {"chunk": 64}), {})
+    assert_same_tensors(open_mrc(tmp_path / "nc.mrc").tensors(), views)
+
+
+# -- threads ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_same_bytes_for_any_thread_count(dtype):
+    t = random_tensor(dtype, (5003,), seed=11)
+    payloads = [bytes(CODEC.encode(t, {"threads": n, "chunk": 512})[0]) for n in (1, 2, 4)]
+    assert payloads[0] == payloads[1] == payloads[2]
+    rec = record(t, {"chunk": 512}, len(payloads[0]))
+    for n in (1, 2, 4):
+        assert_bit_exact(CODEC.decode(payloads[0], rec, threads=n), t)
+
+
+def test_same_file_for_any_thread_count_through_the_api(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": (torch.randn(3 * CHUNK + 17, generator=g) * 0.02).bfloat16(),
+               "w": torch.randn(700, 300, generator=g) * 0.1, "b": torch.zeros(300), "n": torch.tensor(7)}
+    files = []
+    for n in (1, 2, 4):
+        path = tmp_path / f"t{n}.mrc"
+        encode_lossless("model.pt", path, tensors=tensors, threads=n)
+        files.append(path.read_bytes())
+        for threads in (1, 2):
+            assert_same_tensors(open_mrc(path).tensors(threads=threads), tensors)
+    assert files[0] == files[1] == files[2]
+    assert {r.name: r.codec for r in open_mrc(tmp_path / "t1.mrc").records}["big"] == "lossless2"
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_thread_counts_are_usage_errors(threads):
+    t = random_tensor(torch.float32, (100,))
+    with pytest.raises(UsageError, match="threads must be a positive integer"):
+        CODEC.encode(t, {"threads": threads})
+
+
+def test_unknown_options_and_bad_chunks_are_codec_errors():
+    t = random_tensor(torch.float32, (100,))
+    with pytest.raises(CodecError, match="threads and chunk"):
+        CODEC.encode(t, {"level": 3})
+    for chunk in (0, MAX_CHUNK + 1, 2.0, True):
+        with pytest.raises(CodecError, match="chunk must be an integer"):
+            CODEC.encode(t, {"chunk": chunk})
+
+
+# -- what gets stored -------------------------------------------------------------------------
+
+def test_compresses_trained_like_weights():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300_000, generator=g) * 0.05
+    for dtype, least in ((torch.float32, 1.18), (torch.bfloat16, 1.45)):
+        t = w.to(dtype)
+        payload, _ = CODEC.encode(t, {})
+        assert t.numel() * t.element_size() / len(payload) > least
+        assert_bit_exact(roundtrip(t), t)
+
+
+def test_constant_and_upcast_tensors_are_tiny():
+    assert len(CODEC.encode(torch.full((100_000,), 0.125), {})[0]) < 200
+    # bfloat16 values stored as float32: the two low bytes are all zero and cost nothing
+    g = torch.Generator().manual_seed(1)
+    upcast = (torch.randn(100_000, generator=g) * 0.05).bfloat16().float()
+    assert len(CODEC.encode(upcast, {})[0]) < 0.4 * upcast.numel() * 4
+
+
+def test_incompressible_planes_are_stored_raw():
+    t = torch.randint(0, 256, (50_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    payload, params = CODEC.encode(t, {})
+    assert params == {"chunk": CHUNK}
+    assert bytes(payload) == np.array([50_000], "<u4").tobytes() + t.numpy().tobytes()
+
+
+def test_smallest_lossless_picks_lossless2_or_raw():
+    g = torch.Generator().manual_seed(2)
+    assert smallest_lossless("w", torch.randn(10_000, generator=g) * 0.05).codec == "lossless2"
+    assert smallest_lossless("b", torch.randn(3, generator=g)).codec == "raw"
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_planes_are_disjoint_byte_ranges_covering_each_element(dtype):
+    name = dtype_name(dtype)
+    size = torch.empty(0, dtype=dtype).element_size()
+    covered = sorted(b for first, width in PLANES[name] for b in range(first, first + width))
+    assert covered == list(range(size))
+    assert [first for first, _ in PLANES[name]] == sorted((first for first, _ in PLANES[name]), reverse=True)
+
+
+# -- old files --------------------------------------------------------------------------------
+
+def test_old_lossless_tensors_still_decode_beside_new_ones(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    tensors = {"old": torch.randn(40, 50, generator=g) * 0.05, "new": torch.randn(40, 50, generator=g) * 0.05}
+    plan = {"old": ("lossless", {}), "new": ("lossless2", {})}
+    write_mrc(tmp_path / "mixed.mrc", tensors, plan, {})
+    mrc = open_mrc(tmp_path / "mixed.mrc")
+    assert {r.name: r.codec for r in mrc.records} == {"old": "lossless", "new": "lossless2"}
+    assert_same_tensors(mrc.tensors(threads=2), tensors)
+
+
+# -- damage -----------------------------------------------------------------------------------
+
+def _encoded(dtype=torch.float32, n=6000, chunk=1024):
+    t = random_tensor(dtype, (n,), seed=4)
+    payload, params = CODEC.encode(t, {"chunk": chunk})
+    return t, bytearray(payload), params
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"chunk": 1024, "extra": 1}, {"chunk": 0}, {"chunk": -3}, {"chunk": True}, {"chunk": 1.5},
+     {"chunk": MAX_CHUNK + 1}, {"chunk": "1024"}, {"planes": []}],
+    ids=["missing", "extra-key", "zero", "negative", "bool", "float", "too-big", "string", "old-params"])
+def test_check_rejects_malformed_params(params):
+    t = random_tensor(torch.float32, (10,))
+    with pytest.raises(MrcFormatError, match="lossless2 tensor 'w'"):
+        CODEC.check(record(t, params, 52))
+
+
+def test_check_rejects_impossible_lengths():
+    t, payload, params = _encoded()
+    table = 4 * 6 * 3
+    for length in (table - 1, table + 6000 * 4 + 1):
+        with pytest.raises(MrcFormatError, match="cannot hold"):
+            CODEC.check(record(t, params, length))
+    with pytest.raises(MrcFormatError, match="cannot hold"):
+        CODEC.check(record(torch.zeros(0), params, 8))
+
+
+def _decode_error(t, params, payload, match):
+    rec = record(t, params, len(payload))
+    CODEC.check(rec)
+    with pytest.raises(MrcFormatError, match=match) as info:
+        CODEC.decode(bytes(payload), rec, threads=2)
+    assert "\n" not in info.value.one_line()
+
+
+def test_decode_rejects_a_plane_longer_than_its_raw_bytes():
+    t, payload, params = _encoded()
+    lengths = np.frombuffer(payload, "<u4", count=18).copy()
+    moved = 1025 - int(lengths[0])  # the exponent plane of chunk 0 made longer than its 1024 raw bytes,
+    lengths[0], lengths[1] = 1025, lengths[1] - moved  # the next one shorter: the total still adds up
+    payload[:72] = lengths.tobytes()
+    _decode_error(t, params, payload, "longer than its raw bytes")
+
+
+def test_decode_rejects_lengths_not_adding_up():
+    t, payload, params = _encoded()
+    _decode_error(t, params, payload + b"\0" * 8, "do not add up")
+    _decode_error(t, params, payload[:-3], "do not add up|damaged zstd plane")
+
+
+def test_decode_rejects_a_damaged_zstd_frame():
+    t, payload, params = _encoded()
+    assert np.frombuffer(payload, "<u4", count=1)[0] < 1024  # the first plane is a zstd frame
+    broken = bytearray(payload)
+    broken[72 + 4] ^= 0xFF  # its frame header descriptor
+    _decode_error(t, params, broken, "zstd plane")
+    broken = bytearray(payload)
+    broken[72 + 20] ^= 0x5A  # inside its compressed block
+    _decode_error(t, params, broken, "zstd plane")
+
+
+def test_decode_rejects_a_frame_of_the_wrong_size_and_trailing_data():
+    t = random_tensor(torch.bfloat16, (2000,), seed=5)
+    rec_params = {"chunk": 2000}
+    exponent = bytes((t.view(torch.int16).numpy().view(np.uint16) >> 7).astype(np.uint8))
+    raw_low = bytes(2000)
+    for frame, match in ((zstandard.ZstdCompressor().compress(exponent[:1999]), "declares 1999 bytes"),
+                         (zstandard.ZstdCompressor(write_content_size=False).compress(exponent), "declares -1 bytes"),
+                         (zstandard.ZstdCompressor().compress(exponent) + b"\0\0", "zstd plane")):
+        if len(frame) >= 2000:
+            continue
+        payload = np.array([len(frame), 2000], "<u4").tobytes() + frame + raw_low
+        _decode_error(t, rec_params, payload, match)
+
+
+def test_decode_rejects_bool_bytes_other_than_0_and_1():
+    t = torch.zeros(300, dtype=torch.bool)
+    values = np.zeros(300, dtype=np.uint8)
+    values[7] = 2
+    for blob in (values.tobytes(), zstandard.ZstdCompressor().compress(values.tobytes())):
+        _decode_error(t, {"chunk": 300}, np.array([len(blob)], "<u4").tobytes() + blob, "bool bytes must be 0 or 1")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_changed_byte_in_a_file_is_a_checksum_error(tmp_path, threads):
+    g = torch.Generator().manual_seed(6)
+    tensors = {"w": torch.randn(2 * CHUNK, generator=g) * 0.05}  # large: CRC checked beside decoding
+    path = tmp_path / "m.mrc"
+    encode_lossless("m.pt", path, tensors=tensors)
+    rec = open_mrc(path).record("w")
+    assert rec.length > 1 << 20
+    data = bytearray(path.read_bytes())
+    data[rec.offset + 7] ^= 0x10  # inside the length table: decoding itself fails too
+    path.write_bytes(bytes(data))
+    with pytest.raises(MrcFormatError, match="checksum mismatch in payload of 'w'"):
+        open_mrc(path).tensors(threads=threads)
+    data[rec.offset + 7] ^= 0x10
+    data[rec.offset + rec.length - 1] ^= 0x01  # in a raw plane: decodes to wrong bits without the CRC
+    path.write_bytes(bytes(data))
+    with pytest.raises(MrcFormatError, match="checksum mismatch in payload of 'w'"):
+        open_mrc(bytes(data)).tensors(threads=threads)
+    assert zlib.crc32(bytes(data[rec.offset:rec.offset + rec.length])) != rec.crc32
