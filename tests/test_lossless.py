@@ -1,5 +1,8 @@
 """The ``lossless`` codec: bit-exact for every supported dtype, and it actually compresses.
 
+(Special values alone, integer extremes, empty tensors and scalars are checked for every
+lossless codec at once in tests/test_lossless_v2.py.)
+
 Equality is checked on bit patterns, never with ``==`` (NaN != NaN, -0.0 == 0.0), so a codec that
 canonicalised NaNs or lost the sign of zero would fail here.
 """
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from bit_patterns import ALL_DTYPES, FLOAT_DTYPES, SPECIALS, from_bits, random_tensor
 from bitexact import assert_bit_exact, bit_pattern
 
 from mlcompress import codecs
@@ -19,11 +23,6 @@ from mlcompress.format.dtypes import dtype_name
 from mlcompress.errors import MrcFormatError
 
 CODEC = codecs.get("lossless")
-ALL_DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-]
-FLOAT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def roundtrip(t: torch.Tensor) -> torch.Tensor:
@@ -32,42 +31,6 @@ def roundtrip(t: torch.Tensor) -> torch.Tensor:
     rec = TensorRecord("t", tuple(t.shape), dtype_name(t.dtype), "lossless", params, 0, len(payload), 0)
     CODEC.check(rec)
     return CODEC.decode(bytes(payload), rec)
-
-
-def from_bits(words: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """A float tensor holding exactly the given unsigned bit patterns."""
-    np_u = {torch.float64: np.uint64, torch.float32: np.uint32, torch.float16: np.uint16, torch.bfloat16: np.uint16}
-    np_i = {torch.float64: np.int64, torch.float32: np.int32, torch.float16: np.int16, torch.bfloat16: np.int16}
-    arr = np.array(words, dtype=np_u[dtype]).view(np_i[dtype])
-    return torch.from_numpy(arr.copy()).view(dtype)
-
-
-# Special bit patterns per float format: several distinct NaNs (quiet, signalling, negative, with
-# payload), +-Inf, +-0, the smallest and largest subnormals, the largest finite value and 1.0.
-SPECIALS = {
-    torch.float32: [0x7FC00000, 0x7F800001, 0xFFC00001, 0x7FFFFFFF, 0x7FA5A5A5,
-                    0x7F800000, 0xFF800000, 0x00000000, 0x80000000,
-                    0x00000001, 0x007FFFFF, 0x80000001, 0x7F7FFFFF, 0x3F800000],
-    torch.float64: [0x7FF8000000000000, 0x7FF0000000000001, 0xFFF8000000000001, 0x7FFFFFFFFFFFFFFF, 0x7FFA5A5A5A5A5A5A,
-                    0x7FF0000000000000, 0xFFF0000000000000, 0x0, 0x8000000000000000,
-                    0x1, 0x000FFFFFFFFFFFFF, 0x8000000000000001, 0x7FEFFFFFFFFFFFFF, 0x3FF0000000000000],
-    torch.float16: [0x7E00, 0x7C01, 0xFE01, 0x7FFF, 0x7D55,
-                    0x7C00, 0xFC00, 0x0000, 0x8000, 0x0001, 0x03FF, 0x8001, 0x7BFF, 0x3C00],
-    torch.bfloat16: [0x7FC0, 0x7F81, 0xFFC1, 0x7FFF, 0x7FA5,
-                     0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x007F, 0x8001, 0x7F7F, 0x3F80],
-}
-
-
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype.is_floating_point:
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.05).to(dtype)
-    if dtype == torch.bool:
-        return torch.rand(shape, generator=g) < 0.3
-    info = torch.iinfo(dtype)
-    lo = info.min if dtype != torch.int64 else -(1 << 62)
-    hi = info.max if dtype != torch.int64 else (1 << 62)
-    return torch.randint(lo, hi, shape, generator=g, dtype=torch.int64).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -89,31 +52,6 @@ def test_special_values_roundtrip_bit_exact(dtype):
     # The distinct NaN payloads really are distinct and really survive.
     nan_bits = {bytes(bit_pattern(x)) for x in out[500:500 + len(SPECIALS[dtype])] if torch.isnan(x.float())}
     assert len(nan_bits) == 5
-
-
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_special_values_alone_roundtrip(dtype):
-    t = from_bits(SPECIALS[dtype], dtype)
-    assert_bit_exact(roundtrip(t), t)
-
-
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool], ids=str)
-def test_integer_extremes_roundtrip(dtype):
-    if dtype == torch.bool:
-        t = torch.tensor([True, False, True, True] * 50)
-    else:
-        info = torch.iinfo(dtype)
-        t = torch.tensor([info.min, info.max, 0, -1 if info.min < 0 else 1, info.min + 1, info.max - 1] * 40, dtype=dtype)
-    assert_bit_exact(roundtrip(t), t)
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(0,), (3, 0), ()], ids=["empty", "3x0", "scalar"])
-def test_empty_and_scalar_roundtrip(dtype, shape):
-    t = random_tensor(dtype, shape, seed=3)
-    out = roundtrip(t)
-    assert_bit_exact(out, t)
-    assert out.dim() == len(shape)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)

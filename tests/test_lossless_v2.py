@@ -15,6 +15,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bit_patterns import (ALL_DTYPES, FLOAT_DTYPES, INT_DTYPES, SPECIALS, from_bits, integer_extremes,
+                          random_tensor)
 from bitexact import assert_bit_exact, assert_same_tensors
 
 from mlcompress import codecs
@@ -26,10 +28,8 @@ from mlcompress.format.dtypes import dtype_name
 from mlcompress.lossless import encode_lossless
 
 CODEC = codecs.get("lossless2")
-ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16,
-              torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
-FLOAT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-UNSIGNED = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
+#: Options that make lossless2 use several chunks on small test tensors; the old codec takes none.
+SMALL_CHUNKS = {"lossless": {}, "lossless2": {"chunk": 1000}}
 
 
 def record(t: torch.Tensor, params: dict, length: int) -> TensorRecord:
@@ -42,40 +42,6 @@ def roundtrip(t: torch.Tensor, threads: int = 1, **options) -> torch.Tensor:
     rec = record(t, params, len(payload))
     CODEC.check(rec)
     return CODEC.decode(bytes(payload), rec, threads=threads)
-
-
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype.is_floating_point:
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.05).to(dtype)
-    if dtype == torch.bool:
-        return torch.rand(shape, generator=g) < 0.3
-    info = torch.iinfo(dtype)
-    lo, hi = (info.min, info.max) if dtype != torch.int64 else (-(1 << 62), 1 << 62)
-    return torch.randint(lo, hi, shape, generator=g, dtype=torch.int64).to(dtype)
-
-
-def from_bits(words, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor holding exactly these unsigned bit patterns."""
-    size = torch.empty(0, dtype=dtype).element_size()
-    if len(words) == 0:
-        return torch.empty(0, dtype=dtype)
-    arr = np.asarray(words, dtype=np.uint64).astype(UNSIGNED[size])
-    return torch.from_numpy(arr.copy()).view(torch.uint8).view(dtype) if size == 1 else \
-        torch.from_numpy(arr.view(f"i{size}").copy()).view(dtype)
-
-
-SPECIALS = {  # NaNs (quiet, signalling, negative, with payloads), +-Inf, +-0, subnormals, max, 1
-    torch.float32: [0x7FC00000, 0x7F800001, 0xFFC00001, 0x7FFFFFFF, 0x7FA5A5A5, 0x7F800000, 0xFF800000,
-                    0x00000000, 0x80000000, 0x00000001, 0x007FFFFF, 0x80000001, 0x7F7FFFFF, 0x3F800000],
-    torch.float64: [0x7FF8000000000000, 0x7FF0000000000001, 0xFFF8000000000001, 0x7FFFFFFFFFFFFFFF,
-                    0x7FFA5A5A5A5A5A5A, 0x7FF0000000000000, 0xFFF0000000000000, 0x0, 0x8000000000000000,
-                    0x1, 0x000FFFFFFFFFFFFF, 0x8000000000000001, 0x7FEFFFFFFFFFFFFF, 0x3FF0000000000000],
-    torch.float16: [0x7E00, 0x7C01, 0xFE01, 0x7FFF, 0x7D55, 0x7C00, 0xFC00, 0x0000, 0x8000, 0x0001, 0x03FF,
-                    0x8001, 0x7BFF, 0x3C00],
-    torch.bfloat16: [0x7FC0, 0x7F81, 0xFFC1, 0x7FFF, 0x7FA5, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x007F,
-                     0x8001, 0x7F7F, 0x3F80],
-}
 
 
 # -- round trips ------------------------------------------------------------------------------
@@ -102,27 +68,35 @@ def test_special_values_roundtrip_bit_exact(dtype):
     assert len(nan_bits) == 5
 
 
+def roundtrip_with(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Round trip through the codec ``name`` alone (either lossless codec)."""
+    codec = codecs.get(name)
+    payload, params = codec.encode(t.contiguous(), SMALL_CHUNKS[name])
+    rec = TensorRecord("t", tuple(t.shape), dtype_name(t.dtype), name, params, 0, len(payload), 0)
+    codec.check(rec)
+    return codec.decode(bytes(payload), rec)
+
+
+@pytest.mark.parametrize("name", ["lossless", "lossless2"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_special_values_alone_roundtrip(dtype):
+def test_special_values_alone_roundtrip(name, dtype):
     t = from_bits(SPECIALS[dtype], dtype)
-    assert_bit_exact(roundtrip(t), t)
+    assert_bit_exact(roundtrip_with(name, t), t)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool], ids=str)
-def test_integer_extremes_roundtrip(dtype):
-    if dtype == torch.bool:
-        t = torch.tensor([True, False, True, True] * 500)
-    else:
-        info = torch.iinfo(dtype)
-        t = torch.tensor([info.min, info.max, 0, -1 if info.min < 0 else 1, info.min + 1, info.max - 1] * 400, dtype=dtype)
-    assert_bit_exact(roundtrip(t, chunk=1000), t)
+@pytest.mark.parametrize("name", ["lossless", "lossless2"])
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+def test_integer_extremes_roundtrip(name, dtype):
+    t = integer_extremes(dtype, 400)
+    assert_bit_exact(roundtrip_with(name, t), t)
 
 
+@pytest.mark.parametrize("name", ["lossless", "lossless2"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(0,), (3, 0), ()], ids=["empty", "3x0", "scalar"])
-def test_empty_and_scalar_roundtrip(dtype, shape):
+def test_empty_and_scalar_roundtrip(name, dtype, shape):
     t = random_tensor(dtype, shape, seed=3)
-    out = roundtrip(t)
+    out = roundtrip_with(name, t)
     assert_bit_exact(out, t)
     assert out.dim() == len(shape)
 
