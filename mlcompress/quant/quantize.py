@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,7 +41,7 @@ from mlcompress.progress import Progress
 from mlcompress.quant.calibrate import L2Config, l2_compress
 from mlcompress.quant.low_precision import dequantize_float, float_plan
 from mlcompress.quant.rate import search_step, step_plan
-from mlcompress.quant.plan import LOSSY_CODECS, Plan, uniform_plan, write_plan
+from mlcompress.quant.plan import LOSSY_CODECS, FileSize, Plan, uniform_plan, write_plan
 from mlcompress.report import Report
 from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
 
@@ -63,16 +63,30 @@ def dequantize_uniform(tensors: dict[str, torch.Tensor], plan: Plan) -> dict[str
     return out
 
 
-def _step_plan(tensors: dict[str, torch.Tensor], quant: Quant) -> tuple[Plan, float]:
-    """The entropy-constrained plan: the given step, or the one searched for the target ratio."""
+def _metadata(src: Path, options: dict[str, Any], task_obj, before, after) -> dict[str, Any]:
+    """The file's header metadata: source, options and, with a task, the metric before/after."""
+    metadata = base_metadata(src, options)
+    if task_obj is not None:
+        metadata.update({"task": task_obj.name, "metric": task_obj.metric_name, "metric_before": before,
+                         "metric_after": after})
+    return metadata
+
+
+def _step_plan(tensors: dict[str, torch.Tensor], quant: Quant,
+               metadata_for: Callable[[float], dict[str, Any]]) -> tuple[Plan, float]:
+    """The entropy-constrained plan: the given step, or the one searched for the target ratio
+    (each trial file carries the header the real file will have, so tiny models land too)."""
     kwargs = dict(allocation=quant.allocation, per_channel=quant.per_channel, group_size=quant.group_size,
                   lam=quant.rdo_lambda)
     if quant.step is not None:
         return step_plan(tensors, quant.step, **kwargs), quant.step
     with tempfile.TemporaryDirectory(prefix="mlcompress-rate-") as tmp:
         scratch = Path(tmp) / "trial.mrc"
-        step, plan, _ = search_step(tensors, quant.target_ratio,
-                                    lambda p: write_plan(scratch, tensors, p, {}, force=True), **kwargs)
+        def measure(p: Plan) -> FileSize:
+            step = max(o["step"] for c, o in p.values() if c == "quant")  # the largest norm's: the global step
+            return write_plan(scratch, tensors, p, metadata_for(step), force=True)
+
+        step, plan, _ = search_step(tensors, quant.target_ratio, measure, **kwargs)
     return plan, step
 
 
@@ -155,8 +169,13 @@ def quantize_checkpoint(
     before = _evaluate(task_obj, tensors, dev) if task_obj is not None else None
 
     if method == "uniform" and quant.entropy_constrained:
-        plan, chosen_step = _step_plan(tensors, quant)
-        options = dict(quant.as_dict(), step=chosen_step, target_ratio=target_ratio)
+        def trial_metadata(trial_step: float) -> dict[str, Any]:
+            # The header of the file being sized: the real one but for metric_after, which is
+            # not known yet (metric_before stands in: a number of the same kind).
+            return _metadata(src, dict(quant.as_dict(), step=trial_step), task_obj, before, before)
+
+        plan, chosen_step = _step_plan(tensors, quant, trial_metadata)
+        options = dict(quant.as_dict(), step=chosen_step)
         to_store, dequantized = tensors, dequantize_uniform(tensors, plan)
         summary.update(options)
         _sparsity(summary, tensors, plan, dequantized)
@@ -186,11 +205,7 @@ def quantize_checkpoint(
                         "optimisation_seconds": result.seconds})
 
     after = _evaluate(task_obj, dequantized, dev) if task_obj is not None else None
-    metadata = base_metadata(src, options)
-    if task_obj is not None:
-        metadata.update({"task": task_obj.name, "metric": task_obj.metric_name, "metric_before": before,
-                         "metric_after": after})
-    size = write_plan(dst, to_store, plan, metadata, force=force)
+    size = write_plan(dst, to_store, plan, _metadata(src, options, task_obj, before, after), force=force)
     if st is not None:
         save_checkpoint(dequantized, st, force=force)
         summary["safetensors"] = str(st)

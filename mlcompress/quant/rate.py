@@ -20,9 +20,10 @@ How the steps of the tensors relate (``allocation``):
 
 The search bisects the step on a log scale against the payload size estimated from histograms
 (:func:`mlcompress.codecs.quant.step.estimated_payload_bytes`), with the rest of the file (header,
-tensors stored losslessly) measured once from a real file; a final real file is then written and,
-if it misses the target by more than 1%, the estimate's error is taken out and the search run
-once more. The reported ratio is always the written file's.
+tensors stored losslessly) measured once from a real file; a real file is then written for that
+step and, if it misses the target by more than 1% (small tensors, whose frequency-table entries
+come and go with the step), the search goes on by bisection on real files around it, keeping the
+closest. The reported ratio is always the written file's.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from mlcompress.options import ALLOCATIONS, check_target_ratio
 from mlcompress.quant.plan import FileSize, Plan, is_quantizable
 
 SEARCH_ITERATIONS = 40
+#: Real-file trials when the estimate misses: widening the bracket, then bisecting in it.
+REAL_BRACKET_STEPS, REAL_BISECTIONS = 8, 12
 #: How close the written file must come to the target before the search stops.
 TOLERANCE = 0.01
 
@@ -111,17 +114,43 @@ def search_step(
         raise UsageError(f"--target-ratio {target_ratio:g} is out of reach: the tensors stored losslessly and the "
                          f"header alone take {fixed:,} bytes (target {target_bytes:,.0f})",
                          hint="ask for a smaller ratio")
-    size = first
-    step = start
-    for _attempt in range(3):
-        step = _bisect(estimate, budget, start)
+    step = _bisect(estimate, budget, start)
+    best: tuple[float, float, FileSize] | None = None  # (miss, step, size)
+
+    def trial(step: float) -> FileSize:
+        nonlocal best
         size = measure(step_plan(tensors, step, **kwargs))
-        if abs(size.file_bytes - target_bytes) <= TOLERANCE * target_bytes:
-            break
-        # Take the estimate's error out of the budget and search again.
-        budget -= size.file_bytes - target_bytes
-        if budget <= 0:
-            break
+        miss = abs(size.file_bytes - target_bytes)
+        if best is None or miss < best[0]:
+            best = (miss, step, size)
+        return size
+
+    size = trial(step)
+    if abs(size.file_bytes - target_bytes) > TOLERANCE * target_bytes:
+        # The estimate is off (small tensors: table entries come and go): bisect on real files,
+        # bracketing the estimate's step, and keep the closest file seen.
+        lo, hi = math.log2(step), math.log2(step)
+        too_big = size.file_bytes > target_bytes
+        for _ in range(REAL_BRACKET_STEPS):
+            if too_big:
+                hi += 0.25
+                if trial(2.0 ** hi).file_bytes <= target_bytes:
+                    break
+            else:
+                lo -= 0.25
+                if trial(2.0 ** lo).file_bytes > target_bytes:
+                    break
+        for _ in range(REAL_BISECTIONS):
+            assert best is not None
+            if best[0] <= TOLERANCE * target_bytes:
+                break
+            mid = 0.5 * (lo + hi)
+            if trial(2.0 ** mid).file_bytes > target_bytes:
+                lo = mid
+            else:
+                hi = mid
+    assert best is not None
+    _, step, size = best
     return step, step_plan(tensors, step, **kwargs), size
 
 
