@@ -155,7 +155,9 @@ def test_lossless_files_decode_from_the_spec(tmp_path):
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000, 262144])
 def test_every_chunk_size_decodes_from_the_spec(tmp_path, chunk):
-    tensors = {k: v for k, v in _tensors().items() if k != "tied"}
+    # Tiny chunks on the first 500 elements only: a chunk costs tens of microseconds.
+    tensors = {k: v.reshape(-1)[:500].clone() if chunk < 100 and v.numel() > 500 else v
+               for k, v in _tensors().items() if k != "tied"}
     path = tmp_path / "c.mrc"
     write_mrc(path, tensors, lambda name, t: ("lossless2", {"chunk": chunk}), {})
     _check_same(path, tensors)
