@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from mlcompress.codecs import lossless, raw
+from mlcompress.codecs import lossless, lossless2, raw
 from mlcompress.errors import CodecError, MrcFormatError, UsageError
 from mlcompress.format.records import TensorRecord
 from mlcompress.format.dtypes import torch_dtype
@@ -60,9 +60,10 @@ FORMATS: dict[str, FloatFormat] = {
     )
 }
 #: The bit-exact codecs the rounded bit patterns may be stored with, by their record names.
-#: The encoder writes the first unless the raw bytes are no larger. (Imported, not looked up in
-#: the registry: the registry imports this module.)
-INNER_CODECS = {lossless.CODEC.name: lossless.CODEC, raw.CODEC.name: raw.CODEC}
+#: The encoder writes the first unless the raw bytes are no larger; ``lossless`` is read for files
+#: written before ``lossless2`` existed. (Imported, not looked up in the registry: the registry
+#: imports this module.)
+INNER_CODECS = {lossless2.CODEC.name: lossless2.CODEC, lossless.CODEC.name: lossless.CODEC, raw.CODEC.name: raw.CODEC}
 
 
 def float_format(name: str) -> FloatFormat:
