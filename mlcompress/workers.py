@@ -7,6 +7,8 @@ tensors, and starting a pool for each of them would cost about as much as coding
 
 The number of threads never changes what is written: codecs cut their work at boundaries fixed
 by the format, and only the order in which chunks finish depends on it.
+
+A call that uses ``threads`` threads is the calling thread plus ``threads - 1`` helpers.
 """
 
 from __future__ import annotations
@@ -39,39 +41,56 @@ def resolve_threads(threads: Any) -> int:
     return threads
 
 
-def pool(threads: int) -> ThreadPoolExecutor:
-    """The shared pool of ``threads`` workers (started on first use, kept for the process)."""
+def _helpers(threads: int) -> ThreadPoolExecutor:
+    """The shared pool that helps a caller using ``threads`` threads: ``threads - 1`` workers,
+    since the caller works too (started on first use, kept for the process)."""
     with _LOCK:
         executor = _POOLS.get(threads)
         if executor is None:
-            executor = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix=f"mlcompress-{threads}")
+            executor = _POOLS[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix=f"mlcompress-{threads}")
         return executor
 
 
 def submit(threads: int, fn: Callable[..., R], *args: Any) -> Future[R]:
-    """Run ``fn(*args)`` on the shared pool of ``threads`` workers."""
-    return pool(threads).submit(fn, *args)
+    """Run ``fn(*args)`` on a helper of a caller that uses ``threads`` (at least 2) threads; a
+    :func:`map_ordered` with the same count started afterwards has it join once it is done."""
+    return _helpers(threads).submit(fn, *args)
 
 
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
-    """``[fn(x) for x in items]``, on ``threads`` workers when there is more than one item.
+    """``[fn(x) for x in items]`` on ``threads`` threads: the caller and ``threads - 1`` helpers
+    take the next item as they become free.
 
-    Results keep the order of ``items`` whatever order they finish in; the first exception
-    raised by ``fn`` is re-raised here (the remaining items are still waited for, so no work is
+    Why the caller works too: a tensor of two or three chunks would otherwise wait for a pool
+    thread to wake up for each of them, which on the machines measured cost more than it saved.
+    Results keep the order of ``items``; once an item fails no new ones start, and the error
+    of the first failed item is raised after every started item has finished (so no work is
     left running on the caller's buffers).
     """
     items = list(items)
     if threads <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
-    futures = [pool(threads).submit(fn, x) for x in items]
-    error: BaseException | None = None
-    results: list[R] = []
-    for future in futures:
-        try:
-            results.append(future.result())
-        except BaseException as exc:  # noqa: BLE001 -- re-raised below, after the others finished
-            if error is None:
-                error = exc
-    if error is not None:
-        raise error
+    results: list[Any] = [None] * len(items)
+    errors: dict[int, BaseException] = {}
+    order = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:
+                index = None if errors else next(order, None)
+            if index is None:
+                return
+            try:
+                results[index] = fn(items[index])
+            except BaseException as exc:  # noqa: BLE001 -- re-raised by the caller below
+                with lock:
+                    errors[index] = exc
+
+    helpers = [_helpers(threads).submit(drain) for _ in range(min(threads, len(items)) - 1)]
+    drain()
+    for helper in helpers:
+        helper.result()
+    if errors:
+        raise errors[min(errors)]
     return results
