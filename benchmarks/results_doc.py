@@ -1,0 +1,25 @@
+"""Benchmarks that write their tables into docs/results.md keep each between two markers.
+
+Why markers: a rerun replaces exactly its own block, and everything written by hand around it
+(and the other benchmarks' blocks) stays as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+
+
+def put_between_markers(name: str, text: str, heading: str = "", path: Path = RESULTS) -> None:
+    """Replace the block between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path`` by
+    ``text``; when the markers are not there yet, append them (under ``heading``, if given)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    doc = path.read_text()
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + (f"{heading}\n\n" if heading else "") + block + "\n"
+    path.write_text(doc)
+    print(f"wrote the {name} table into {path}")
