@@ -21,6 +21,7 @@ import pytest
 import torch
 import zstandard
 
+from mlcompress import codecs  # only the tests use mlcompress; the spec_* reader never does
 from mlcompress.container import open_mrc, write_mrc
 from mlcompress.lossless import encode_lossless
 
@@ -167,8 +168,6 @@ def test_the_doc_vectors():
     payload = bytes.fromhex("02000000 02000000 01000000 01000000 7f80 0001 7e 00".replace(" ", ""))
     le = spec_lossless2(payload, 3, "bfloat16", {"chunk": 2})
     assert le.view("<u2").reshape(-1).tolist() == [0x3F80, 0xC000, 0x3F00]
-    from mlcompress import codecs
-
     codec = codecs.get("lossless2")
     assert bytes(codec.encode(torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16), {"chunk": 2})[0]) == payload
     t = torch.full((64,), 1.0, dtype=torch.bfloat16)
@@ -185,8 +184,6 @@ def test_the_doc_vectors():
 
 def test_the_spec_reader_rejects_what_the_spec_rejects():
     t = torch.full((64,), 1.0, dtype=torch.bfloat16)
-    from mlcompress import codecs
-
     good = bytes(codecs.get("lossless2").encode(t, {"chunk": 64})[0])
     with pytest.raises(SpecError):
         spec_lossless2(good + b"\0", 64, "bfloat16", {"chunk": 64})

@@ -21,6 +21,8 @@ from bitexact import assert_bit_exact, assert_same_tensors
 
 from mlcompress import codecs
 from mlcompress.assembly import smallest_lossless
+from mlcompress.checkpoint import load_checkpoint
+from mlcompress.cli import main
 from mlcompress.codecs.lossless2 import CHUNK, MAX_CHUNK, PLANES
 from mlcompress.container import TensorRecord, open_mrc, write_mrc
 from mlcompress.errors import CodecError, MrcFormatError, UsageError
@@ -321,3 +323,25 @@ def test_a_changed_byte_in_a_file_is_a_checksum_error(tmp_path, threads):
     with pytest.raises(MrcFormatError, match="checksum mismatch in payload of 'w'"):
         open_mrc(bytes(data)).tensors(threads=threads)
     assert zlib.crc32(bytes(data[rec.offset:rec.offset + rec.length])) != rec.crc32
+
+
+# -- command line -----------------------------------------------------------------------------
+
+def test_cli_threads_give_the_same_file_and_bad_counts_are_usage_errors(tmp_path, capsys):
+    g = torch.Generator().manual_seed(8)
+    tensors = {"w": torch.randn(2 * CHUNK + 5, generator=g) * 0.05, "b": torch.randn(10, generator=g)}
+    torch.save(tensors, tmp_path / "m.pt")
+    for threads in ("1", "2"):
+        assert main(["encode", str(tmp_path / "m.pt"), "--lossless", "--threads", threads, "-o",
+                     str(tmp_path / f"m{threads}.mrc"), "--quiet"]) == 0
+    assert (tmp_path / "m1.mrc").read_bytes() == (tmp_path / "m2.mrc").read_bytes()
+    assert main(["decode", str(tmp_path / "m1.mrc"), "--threads", "2", "-o", str(tmp_path / "d.safetensors"),
+                 "--quiet"]) == 0
+    assert_same_tensors(load_checkpoint(tmp_path / "d.safetensors"), tensors)
+    capsys.readouterr()
+    for command in (["encode", str(tmp_path / "m.pt"), "--lossless", "-o", str(tmp_path / "bad.mrc")],
+                    ["decode", str(tmp_path / "m1.mrc"), "-o", str(tmp_path / "bad.safetensors")]):
+        assert main([*command, "--threads", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: threads must be a positive integer")
+    assert not (tmp_path / "bad.mrc").exists() and not (tmp_path / "bad.safetensors").exists()
