@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/codecs.py lossless                 # print the table
     .venv/bin/python benchmarks/codecs.py lossless --write-docs    # and put it in docs/results.md
 
-Each section is a subcommand (``lossless`` today; ``quant`` is meant to sit beside it).
+Each section is a subcommand: ``lossless`` (below) and ``quant`` (:mod:`quant_sweep`: data-free
+quantization, ratio against accuracy, against NNCodec's published figures).
 
 ``lossless`` measures, on two LeNet-5 checkpoints (fp32 and their bf16 cast) and on a synthetic
 bf16 tensor set of GPT-2-medium shapes (>100M parameters; no real model that size is available
@@ -46,6 +47,9 @@ from mlcompress.checkpoint import load_checkpoint
 from mlcompress.codecs.raw import tensor_to_le_bytes
 from mlcompress.container import EncodedTensor, TensorRecord, encode_tensor, open_mrc
 from mlcompress.lossless import encode_lossless
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quant_sweep  # noqa: E402  (the quant section lives beside this script)
 from results_doc import put_between_markers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,6 +278,9 @@ def main() -> int:
     p.add_argument("--repeat-large", type=int, default=2, help="timed runs per figure on the synthetic set")
     p.add_argument("--write-docs", action="store_true", help="put the table into docs/results.md")
     p.set_defaults(run=lossless)
+    q = sections.add_parser("quant", help="data-free quantization sweep against NNCodec's figures (benchmarks/quant_sweep.py)")
+    quant_sweep.add_arguments(q)
+    q.set_defaults(run=lambda a: quant_sweep.main_quant(a, "benchmarks/codecs.py " + " ".join(sys.argv[1:])))
     args = parser.parse_args()
     return args.run(args)
 

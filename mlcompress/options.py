@@ -35,7 +35,7 @@ def _positive(value: float | None, flag: str) -> None:
 
 @dataclass(frozen=True)
 class Lossless:
-    """Every tensor bit-exactly: entropy-coded float bit fields, or raw bytes when smaller."""
+    """Every tensor bit-exactly: byte planes coded by zstd (``lossless2``), or raw bytes when smaller."""
 
     name = "lossless"
 
