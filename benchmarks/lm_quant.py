@@ -110,6 +110,9 @@ def diverge_kl(ref: Path, cmp: Path, val: Path) -> dict:
 def methods() -> list[tuple[str, object]]:
     Q = mlcompress.Quant
     out = [(f"`--target-ratio {r:g}`", Q(target_ratio=float(r))) for r in (16, 10.67, 8, 6.4)]
+    out += [(f"`--target-ratio {r:g} --allocation equal`", Q(target_ratio=float(r), allocation="equal"))
+            for r in (16, 10.67, 8, 6.4)]
+    out.append(("`--target-ratio 8 --group-size 64`", Q(target_ratio=8.0, group_size=64)))
     out += [(f"`--bits 4 --group-size {g}`", Q(bits=4, group_size=g)) for g in (256, 128, 64, 32)]
     out += [("`--bits 3 --group-size 64`", Q(bits=3, group_size=64)), ("`--bits 4`", Q(bits=4)),
             ("`--float fp8-e4m3`", mlcompress.Float(format="fp8-e4m3"))]
@@ -128,8 +131,8 @@ def main() -> int:
     if not (model / "model.safetensors").exists():
         print("training the local GPT-2", file=sys.stderr, flush=True)
         train_model(model, val, args.steps, seed=0)
-    params = sum(t.numel() for t in mlcompress.open_mrc(mlcompress.encode(model, CACHE / "gpt2-lossless.mrc",
-                 method=mlcompress.Lossless(), force=True).to_json()["output"]).tensors().values())
+    params = mlcompress.encode(model, CACHE / "gpt2-lossless.mrc", method=mlcompress.Lossless(),
+                               force=True).to_json()["parameters"]
     rows = []
     for label, method in methods():
         out = CACHE / "gpt2-q.mrc"
