@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
-import platform
 import random
 import subprocess
 import sys
@@ -34,7 +32,7 @@ import mlcompress
 from mlcompress.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_doc import put_between_markers  # noqa: E402
+from results_doc import record_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "bench-models"
@@ -153,10 +151,8 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write_docs:
-        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
-        put_between_markers("lm-quant", f"Command: `.venv/bin/python benchmarks/lm_quant.py --write-docs`. Machine: "
-                            f"{machine}. Wall time {(time.perf_counter() - t0) / 60:.1f} min.\n\n{text}",
-                            heading="## Data-free quantization of a local GPT-2 (issue 11)")
+        record_run("lm-quant", "benchmarks/lm_quant.py --write-docs", time.perf_counter() - t0, text,
+                   heading="## Data-free quantization of a local GPT-2 (issue 11)")
     return 0
 
 

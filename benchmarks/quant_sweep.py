@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ import mlcompress
 from mlcompress.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_doc import put_between_markers  # noqa: E402
+from results_doc import record_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: NNCodec 2.1.3 on a LeNet-5 / Fashion-MNIST trained elsewhere (issue 11): ratio, accuracy drop
@@ -157,10 +155,8 @@ def main_quant(args: argparse.Namespace, command: str) -> int:
     text = run(args)
     print(text)
     if args.write_docs:
-        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
-        put_between_markers("codecs-quant", f"Command: `.venv/bin/python {command}`. Machine: {machine}. Wall time "
-                   f"{(time.perf_counter() - start) / 60:.1f} min.\n\n{text}",
-                            heading="## Data-free quantization against NNCodec (issue 11)")
+        record_run("codecs-quant", command, time.perf_counter() - start, text,
+                   heading="## Data-free quantization against NNCodec (issue 11)")
     return 0
 
 

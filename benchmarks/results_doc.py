@@ -6,6 +6,8 @@ Why markers: a rerun replaces exactly its own block, and everything written by h
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
@@ -23,3 +25,13 @@ def put_between_markers(name: str, text: str, heading: str = "", path: Path = RE
         doc = doc.rstrip("\n") + "\n\n" + (f"{heading}\n\n" if heading else "") + block + "\n"
     path.write_text(doc)
     print(f"wrote the {name} table into {path}")
+
+
+def record_run(name: str, command: str, seconds: float, text: str, heading: str = "") -> None:
+    """Put ``text`` between ``name``'s markers, after a line saying how it was measured: the
+    command, the machine and the wall time (every benchmark's table carries them)."""
+    import torch  # the benchmarks all run torch; imported here so put_between_markers stays light
+
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
+    put_between_markers(name, f"Command: `.venv/bin/python {command}`. Machine: {machine}. "
+                        f"Wall time {seconds / 60:.1f} min.\n\n{text}", heading=heading)
