@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mlcompress.codecs import entropy
 from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA, rdo_round
 from mlcompress.codecs.quant.uniform import GroupLayout
 from mlcompress.errors import InputError, UsageError
@@ -92,12 +93,9 @@ def check_step(step: object) -> None:
 
 
 def _group_rms(m: np.ndarray, layout: GroupLayout) -> np.ndarray:
-    pad = layout.groups_per_row * layout.group - layout.cols
-    sq = np.pad(m * m, ((0, 0), (0, pad))) if pad else m * m
-    sums = sq.reshape(layout.rows, layout.groups_per_row, layout.group).sum(axis=2).reshape(-1)
+    sums = (layout.groups(torch.from_numpy(m)) ** 2).sum(dim=2).reshape(-1).numpy()
     sizes = np.full(layout.groups_per_row, layout.group, dtype=np.float64)
-    if pad:
-        sizes[-1] = layout.group - pad
+    sizes[-1] -= layout.pad
     return np.sqrt(sums / np.tile(sizes, layout.rows))
 
 
@@ -137,7 +135,7 @@ def estimated_payload_bytes(q: StepQuantized) -> float:
     def stream(values: np.ndarray) -> float:
         if values.size == 0:
             return 16.0
-        _, counts = np.unique(values, return_counts=True)
+        _, _, counts = entropy.histogram(values)
         info = float(np.sum(counts * np.log2(values.size / counts))) if counts.size > 1 else 0.0
         return 16.0 + 12.0 * counts.size + 4.0 * math.ceil(info / 32.0)
 

@@ -114,6 +114,19 @@ class GroupLayout:
         """Broadcast a ``(rows, groups_per_row)`` parameter to the ``(rows, cols)`` matrix view."""
         return per_group.reshape(self.rows, self.groups_per_row).repeat_interleave(self.group, dim=1)[:, : self.cols]
 
+    @property
+    def pad(self) -> int:
+        """Zeros that complete each row's last group (it may be shorter than ``group``)."""
+        return self.groups_per_row * self.group - self.cols
+
+    def groups(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in float64 as ``(rows, groups_per_row, group)``, the last group of each row padded
+        with zeros (callers account for the padding: a zero is in every group's range anyway)."""
+        m = torch.as_tensor(x).detach().to("cpu", torch.float64).reshape(self.rows, self.cols)
+        if self.pad:
+            m = torch.nn.functional.pad(m, (0, self.pad))
+        return m.reshape(self.rows, self.groups_per_row, self.group)
+
 
 @dataclass
 class UniformQuantized:
@@ -151,12 +164,7 @@ def fit_params(x: torch.Tensor, layout: GroupLayout, bits: int, symmetric: bool)
     Scales are rounded to float32 here because that is what the file stores.
     """
     lo, hi = level_range(bits, symmetric)
-    m = x.detach().to("cpu", torch.float64).reshape(layout.rows, layout.cols)
-    pad = layout.groups_per_row * layout.group - layout.cols
-    if pad:
-        # Pad with zeros: harmless because every group's range includes 0 anyway.
-        m = torch.nn.functional.pad(m, (0, pad))
-    g = m.reshape(layout.rows, layout.groups_per_row, layout.group)
+    g = layout.groups(x)  # zero padding is harmless: every group's range includes 0 anyway
     gmin = torch.clamp(g.amin(dim=2), max=0.0)
     gmax = torch.clamp(g.amax(dim=2), min=0.0)
     if symmetric:
@@ -200,14 +208,11 @@ def refine_params(x: torch.Tensor, layout: GroupLayout, bits: int, symmetric: bo
     hurts any group. Data-free: only the weights are used.
     """
     lo, hi = level_range(bits, symmetric)
-    m = x.detach().to("cpu", torch.float64).reshape(layout.rows, layout.cols)
-    pad = layout.groups_per_row * layout.group - layout.cols
-    g = torch.nn.functional.pad(m, (0, pad)) if pad else m
-    g = g.reshape(-1, layout.group)
+    g = layout.groups(x).reshape(-1, layout.group)
     valid = torch.ones_like(g, dtype=torch.bool)
-    if pad:
+    if layout.pad:
         valid = valid.reshape(layout.rows, layout.groups_per_row, layout.group)
-        valid[:, -1, layout.group - pad:] = False
+        valid[:, -1, layout.group - layout.pad:] = False
         valid = valid.reshape(-1, layout.group)
     best_s, best_z = scale.to(torch.float64).clone(), zero.to(torch.float64).clone()
     best_e = _group_sse(g, best_s, best_z, lo, hi)
@@ -286,8 +291,4 @@ def quantize_tensor(
 
 
 def _group_min(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    m = x.detach().to("cpu", torch.float64).reshape(layout.rows, layout.cols)
-    pad = layout.groups_per_row * layout.group - layout.cols
-    if pad:
-        m = torch.nn.functional.pad(m, (0, pad))
-    return torch.clamp(m.reshape(layout.rows, layout.groups_per_row, layout.group).amin(dim=2), max=0.0).reshape(-1)
+    return torch.clamp(layout.groups(x).amin(dim=2), max=0.0).reshape(-1)
