@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,53 +13,13 @@ import torch
 pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from diverge_models import texts, make_gpt2_dir, noisy  # noqa: E402
 from diverge_threads import one_thread  # noqa: E402,F401  (autouse fixture)
 from mlcompress.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from mlcompress.cli import main  # noqa: E402
 from mlcompress.container import write_mrc  # noqa: E402
 from mlcompress.divergence.compare import DivergeOptions, diverge  # noqa: E402
 from mlcompress.divergence.data import Document, windows  # noqa: E402
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven small cats sleep under one warm red blanket".split()
-
-
-def _texts(n: int, seed: int) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(12, 40, (1,), generator=g)),), generator=g)) for _ in range(n)]
-
-
-def make_gpt2_dir(path: Path, *, vocab: int = 200, seed: int = 0) -> Path:
-    """A random GPT-2 with a byte-level BPE tokenizer trained here, saved with save_pretrained."""
-    import transformers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_texts(200, 99), trainer)
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=tok.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=0, eos_token_id=0, initializer_range=0.2,  # peaked, LM-like outputs
-    )
-    model = transformers.GPT2LMHeadModel(config)
-    path.mkdir(parents=True)
-    model.save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
-    return path
-
-
-def noisy(tensors: dict[str, torch.Tensor], scale: float, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in tensors.items():
-        out[name] = t + scale * t.std() * torch.randn(t.shape, generator=g) if t.dim() > 1 else t.clone()
-    return out
-
 
 @pytest.fixture(scope="module")
 def lm(one_thread, tmp_path_factory):
@@ -72,13 +31,15 @@ def lm(one_thread, tmp_path_factory):
         files[scale] = root / f"noise{scale}.safetensors"
         save_checkpoint(noisy(weights, scale), files[scale])
     data = root / "val.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(_texts(12, 1))))
+    data.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts(12, 1))))
     return {"root": root, "ref": ref, "noise": files, "data": data, "weights": weights}
 
 
 def run(ref, cmp, **kw) -> dict:
     kw.setdefault("device", "cpu")
     kw.setdefault("ctx", 32)
+    if not kw.get("ref_logits"):
+        kw.setdefault("score", "second-half")  # these tests are about per-document windows
     return diverge(ref, cmp, DivergeOptions(**kw)).report
 
 
@@ -141,7 +102,7 @@ def test_windows_scoring_rules():
 
 def test_score_all_scores_more_tokens_and_text_files_work(lm, tmp_path):
     text = tmp_path / "val.txt"
-    text.write_text("\n\n".join(_texts(6, 5)))
+    text.write_text("\n\n".join(texts(6, 5)))
     half = run(lm["ref"], lm["noise"][0.05], data=text)
     every = run(lm["ref"], lm["noise"][0.05], data=text, score="all")
     assert half["documents"] == every["documents"] == 1
@@ -186,7 +147,7 @@ def test_reference_cache_refuses_other_models_and_data(lm, tmp_path):
 
 
 def _cli(capsys, *args):
-    code = main(["diverge", *map(str, args), "--device", "cpu", "--ctx", "32"])
+    code = main(["diverge", *map(str, args), "--device", "cpu", "--ctx", "32", "--score", "second-half"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

@@ -8,10 +8,12 @@ Public API:
 * :func:`token_measures` -- KL, reverse KL, JS, total variation, same-top and log-likelihoods
   between two ``[positions, vocab]`` logit tensors, chunked over the vocabulary.
 
-Modules: ``measures`` (per-position divergences), ``stats`` (llama.cpp-style statistics),
-``data`` (documents and windows), ``models`` (loading both sides), ``lm`` (the data loop),
-``sequence`` (sample/exact modes), ``cache`` (top-k reference caches), ``classifier`` (flips),
-``report`` (JSON, gates, table), ``plot``; see docs/diverge.md.
+Modules: ``measures`` (per-position divergences), ``stats`` (statistics of our measures),
+``data`` (documents, the token stream, windows), ``models`` (loading both sides), ``lm`` (the
+data loop), ``llamacpp`` (llama.cpp's scoring rule and quantized-base KL), ``llamacpp_stats``
+(its statistics, its way), ``kld_file`` (its ``.kld`` base files), ``sequence`` (sample/exact
+modes), ``cache`` (top-k reference caches), ``classifier`` (flips), ``report`` (JSON, gates,
+table), ``plot``; see docs/diverge.md.
 """
 
 from mlcompress.divergence.compare import DivergeOptions, DivergeReport, diverge

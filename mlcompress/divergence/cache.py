@@ -1,10 +1,11 @@
 """Reference caches: run the reference once, compare many compressed variants against the file.
 
-llama.cpp stores the reference's full logits (16-bit, 11 GiB for LLaMA-2 on wikitext-2). We store
-per scored position only the reference's top-k log-probabilities with their token ids, plus one
-tail bucket holding the log of the remaining probability mass, and the exact log-probability of
-the observed token. Per position that is 8k + 8 bytes (k = 64: 520 bytes; full float16 logits
-of a 32k vocabulary: 64 kB).
+llama.cpp's base file (``--save-all-logits``, read and written by :mod:`.kld_file`) stores every
+vocabulary entry's log-probability as a 16-bit code over a 16-nat window below the top, 2 bytes
+per entry per scored position (64 kB for a 32k vocabulary). This cache stores per scored
+position only the reference's top-k log-probabilities with their token ids, plus one tail bucket
+holding the log of the remaining probability mass, and the exact log-probability of the
+observed token: 8k + 8 bytes (k = 64: 520 bytes).
 
 Against a cache, the compared model's distribution is coarsened to the same k + 1 outcomes (its
 own probabilities of the k tokens and the rest of its mass) and the divergences are taken between
@@ -35,6 +36,7 @@ from safetensors.torch import save_file
 from mlcompress.atomic import atomic_output
 from mlcompress.divergence.data import Window, batches, pad_batch
 from mlcompress.divergence.lm import (
+    BatchLogits,
     LmComparison,
     PhaseTimer,
     SequenceLikelihood,
@@ -76,10 +78,9 @@ class RefCacheWriter:
         self.target_logp: list[torch.Tensor] = []
         self.vocab: int | None = None
 
-    def add_batch(
-        self, batch: list[Window], ref_flat: torch.Tensor, rows: torch.Tensor, measures: TokenMeasures
-    ) -> None:
+    def add_batch(self, b: BatchLogits) -> None:
         """Keep the top-k buckets of the scored rows of one batch (hook for compare_lms)."""
+        batch, ref_flat, rows, measures = b.windows, b.ref, b.rows, b.measures
         vocab = ref_flat.shape[-1]
         self.vocab = vocab
         k = min(self.top_k, vocab - 1)  # keep a non-empty tail so every bucket has mass > 0

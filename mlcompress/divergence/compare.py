@@ -9,20 +9,30 @@ the command prints.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from mlcompress.atomic import check_destination
+from mlcompress.atomic import atomic_output, check_destination
 from mlcompress.device import resolve_device
 from mlcompress.divergence.cache import RefCacheWriter, compare_with_cache, load_ref_cache, tokens_digest
 from mlcompress.divergence.classifier import compare_classifiers, load_classifier
-from mlcompress.divergence.data import SCORE_RULES, read_documents, windows as cut
-from mlcompress.divergence.lm import LmSettings, compare_lms
-from mlcompress.divergence.models import find_tokenizer, load_one, load_pair
+from mlcompress.divergence.data import SCORE_RULES, Window, read_documents, read_token_stream, windows as cut
+from mlcompress.divergence.kld_file import KldWriter, looks_like_kld, read_kld
+from mlcompress.divergence.llamacpp import (
+    LlamaCppCollector,
+    LlamaCppRun,
+    chunk_bos,
+    chunk_windows,
+    compare_with_base_file,
+    first_target,
+)
+from mlcompress.divergence.lm import LmSettings, all_windows, compare_lms
+from mlcompress.divergence.models import Tokenizer, find_tokenizer, load_one, load_pair
 from mlcompress.divergence.report import lm_report, per_token_arrays
 from mlcompress.divergence.sequence import exact_sequence_divergence, sampled_sequence_divergence
 from mlcompress.tasks import get_task
@@ -31,6 +41,8 @@ from mlcompress.progress import Progress, report
 
 MODES = ("data", "sample", "exact")
 DEFAULT_CTX = 512
+#: Reference files: our top-k cache (safetensors) or llama.cpp's .kld base file.
+REF_FORMATS = ("mlcompress", "llama-cpp")
 
 @dataclass(frozen=True)
 class DivergeOptions:
@@ -41,7 +53,8 @@ class DivergeOptions:
     tokenizer: Path | None = None
     ctx: int | None = None  # None: 512, capped at the model's maximum context
     stride: int | None = None  # None: ctx
-    score: str = "second-half"
+    score: str = "llama-cpp"
+    no_bos: bool = False  # --score llama-cpp: never replace token 0 of a chunk by BOS
     batch_size: int = 4
     device: str = "auto"
     mode: str = "data"
@@ -52,6 +65,7 @@ class DivergeOptions:
     save_ref: Path | None = None
     ref_logits: Path | None = None
     top_k: int = 64
+    ref_format: str | None = None  # None: a .kld suffix (or, reading, the magic) means llama-cpp
     shared_vocab: bool = False
     arch: str | None = None
     unsafe_pickle: bool = False
@@ -108,8 +122,25 @@ def _check_options(ref: str | Path | None, o: DivergeOptions) -> None:
         raise UsageError("give the reference model, or a reference cache with --ref-logits")
     if o.ref_logits is not None and o.shared_vocab:
         raise UsageError("--shared-vocab cannot be combined with --ref-logits")
+    if o.ref_format is not None and o.ref_format not in REF_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(REF_FORMATS)} (got {o.ref_format!r})")
+    if o.score == "llama-cpp" and o.stride is not None:
+        raise UsageError("--stride does not apply to --score llama-cpp (its chunks are disjoint)")
+    if o.no_bos and o.score != "llama-cpp":
+        raise UsageError("--no-bos applies to --score llama-cpp only")
     if o.save_ref is not None:
+        if _ref_format(o.save_ref, o.ref_format) == "llama-cpp" and o.score != "llama-cpp":
+            raise UsageError("a llama.cpp .kld file holds --score llama-cpp positions only")
         check_destination(o.save_ref, force=o.force)  # fail now, not after the whole run
+
+
+def _ref_format(path: Path, given: str | None, *, reading: bool = False) -> str:
+    """``--format``, else llama-cpp for a ``.kld`` name (or, reading, a file with its magic)."""
+    if given is not None:
+        return given
+    if Path(path).suffix.lower() == ".kld" or (reading and looks_like_kld(path)):
+        return "llama-cpp"
+    return "mlcompress"
 
 
 def _progress_for(progress: Progress | None, total: int | None) -> Callable[[int], None] | None:
@@ -153,6 +184,8 @@ def _classifier(ref, cmp, o: DivergeOptions, device, progress) -> DivergeReport:
 
 def _data_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeReport:
     if o.ref_logits is not None:
+        if _ref_format(o.ref_logits, o.ref_format, reading=True) == "llama-cpp":
+            return _base_file_mode(ref, cmp, o, device, progress)
         return _cached_mode(ref, cmp, o, device, progress)
     if o.data is None:
         raise UsageError("--mode data needs --data (a .jsonl or text file)")
@@ -165,14 +198,36 @@ def _data_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeReport:
         ctx=ctx, stride=o.stride, score=o.score, batch_size=o.batch_size,
         shared_vocab=o.shared_vocab, compiled=o.compiled,
     )
-    documents = read_documents(o.data, field=o.field, tokenize=tokenizer.encode if tokenizer else None)
-    writer = RefCacheWriter(o.top_k) if o.save_ref is not None else None
-    comp = compare_lms(
-        ref_model, cmp_model, documents, settings,
-        progress=_progress_for(progress, None),
-        on_ref_batch=writer.add_batch if writer is not None else None,
-    )
-    report = lm_report(comp, ref=str(ref), cmp=str(cmp), settings=_settings(o, settings, tokenizer))
+    tokenize = tokenizer.encode if tokenizer else None
+    extra: dict[str, Any] = {}
+    if o.score == "llama-cpp":
+        stream = read_token_stream(o.data, field=o.field, tokenize=tokenize)
+        bos = chunk_bos(tokenizer, o.no_bos)
+        windows: Any = chunk_windows(stream, ctx, bos)
+        extra = {"bos": bos, "stream_tokens": len(stream), "chunks": len(windows),
+                 "targets": f"{first_target(ctx)}..{ctx - 1}"}
+    else:
+        windows = all_windows(read_documents(o.data, field=o.field, tokenize=tokenize), settings)
+    fmt = _ref_format(o.save_ref, o.ref_format) if o.save_ref is not None else None
+    writer = RefCacheWriter(o.top_k) if fmt == "mlcompress" else None
+    with ExitStack() as files:
+        kld_writer = None
+        if fmt == "llama-cpp":
+            fh = files.enter_context(open(files.enter_context(atomic_output(o.save_ref, force=o.force)), "wb"))
+            kld_writer = KldWriter(fh, n_ctx=ctx, tokens=stream[: len(windows) * ctx])
+        collector = LlamaCppCollector(writer=kld_writer) if o.score == "llama-cpp" else None
+        comp = compare_lms(
+            ref_model, cmp_model, windows, settings,
+            progress=_progress_for(progress, None),
+            on_batch=[h for h in (writer.add_batch if writer else None, collector) if h is not None],
+        )
+        if kld_writer is not None:
+            kld_writer.finish()
+    if collector is not None:
+        comp.llama_cpp = _llama_cpp_run(collector, ctx, extra)
+        if comp.llama_cpp is None:
+            comp.notes.append("no llama.cpp figures: its rule needs models with one vocabulary")
+    report = lm_report(comp, ref=str(ref), cmp=str(cmp), settings={**_settings(o, settings, tokenizer), **extra})
     if writer is not None:
         if comp.vocab_ref != comp.vocab_compared:
             raise UsageError("--save-ref needs models with identical vocabularies")
@@ -186,8 +241,26 @@ def _data_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeReport:
             },
             force=o.force,
         )
+    if o.save_ref is not None:
         report["saved_ref"] = str(o.save_ref)
+        report["saved_ref_format"] = fmt
     return DivergeReport(report, per_token_arrays(comp.measures))
+
+
+def _llama_cpp_run(collector: LlamaCppCollector, ctx: int, extra: dict[str, Any]) -> LlamaCppRun | None:
+    tokens = collector.tokens()
+    if tokens is None:
+        return None
+    run = LlamaCppRun(tokens, ctx, extra["chunks"], extra["bos"], extra["stream_tokens"])
+    dropped = extra["stream_tokens"] - extra["chunks"] * ctx
+    if dropped:
+        run.notes.append(f"the last {dropped} tokens (less than one chunk of {ctx}) are not scored, as in llama.cpp")
+    if extra["stream_tokens"] < 2 * ctx:
+        run.notes.append(
+            f"llama.cpp itself refuses data of fewer than 2 x ctx = {2 * ctx} tokens "
+            f"(these have {extra['stream_tokens']}); the figures are what its rule gives"
+        )
+    return run
 
 
 def _arch_dir(arch: str | None) -> Path | None:
@@ -256,15 +329,72 @@ def _check_same_data(cache, o: DivergeOptions, tokenizer) -> None:
 
     settings = json.loads(cache.metadata.get("settings", "{}"))
     ids, lengths = [], [0]
-    for doc in read_documents(o.data, field=o.field, tokenize=tokenizer.encode if tokenizer else None):
-        for w in cut(doc, ctx=settings["ctx"], stride=settings["stride"], score=settings["score"]):
-            ids.append(w.ids.to(torch.int32))
-            lengths.append(w.ids.numel())
+    for w in _cache_windows(o, settings, tokenizer):
+        ids.append(w.ids.to(torch.int32))
+        lengths.append(w.ids.numel())
     if not ids or tokens_digest(torch.cat(ids), torch.tensor(lengths).cumsum(0)) != cache.metadata.get("tokens_sha256"):
         raise InputError(
             f"--data {o.data} is not the data the reference cache {o.ref_logits} was made from",
             hint="drop --data to use the cache's own tokens",
         )
+
+
+def _cache_windows(o: DivergeOptions, settings: dict[str, Any], tokenizer: Tokenizer | None) -> Iterator[Window]:
+    """The windows ``settings`` (a cache's) cut from ``--data``."""
+    tokenize = tokenizer.encode if tokenizer else None
+    if settings.get("score") == "llama-cpp":
+        stream = read_token_stream(o.data, field=o.field, tokenize=tokenize)
+        yield from chunk_windows(stream, settings["ctx"], settings.get("bos"))
+        return
+    for doc in read_documents(o.data, field=o.field, tokenize=tokenize):
+        yield from cut(doc, ctx=settings["ctx"], stride=settings["stride"], score=settings["score"])
+
+
+def _base_file_mode(ref, cmp, o: DivergeOptions, device, progress) -> DivergeReport:
+    """CMP against a llama.cpp ``.kld`` base file (``--ref-logits base.kld``), on its tokens."""
+    if o.score != "llama-cpp":
+        raise UsageError(f"a llama.cpp base file is scored with --score llama-cpp (got --score {o.score})")
+    base = read_kld(o.ref_logits)
+    where = str(o.ref_logits)
+    if o.ctx is not None and o.ctx != base.n_ctx:
+        raise InputError(
+            f"--ctx {o.ctx} differs from n_ctx {base.n_ctx} of {where}", hint="drop --ctx to use the file's"
+        )
+    sources = []
+    if ref is not None:  # REF is not run: it only lends an architecture or a tokenizer
+        ref_model, cmp_model = load_pair(ref, cmp, arch=o.arch, device=device, unsafe_pickle=o.unsafe_pickle)
+        sources.append(ref_model)
+    else:
+        cmp_model = load_one(cmp, arch=o.arch, device=device, unsafe_pickle=o.unsafe_pickle)
+    if cmp_model.vocab_size is not None and cmp_model.vocab_size != base.n_vocab:
+        raise InputError(
+            f"{where} has n_vocab {base.n_vocab} but the compared model {cmp} has {cmp_model.vocab_size} tokens",
+            hint="a .kld base compares models with the same vocabulary",
+        )
+    if cmp_model.max_positions and base.n_ctx > cmp_model.max_positions:
+        raise InputError(f"{where} has n_ctx {base.n_ctx}, longer than the model's maximum context of {cmp_model.max_positions}")
+    tokenizer = find_tokenizer(o.tokenizer, *sources, cmp_model, _arch_dir(o.arch))
+    bos = chunk_bos(tokenizer, o.no_bos)
+    if o.data is not None:
+        stream = read_token_stream(o.data, field=o.field, tokenize=tokenizer.encode if tokenizer else None)
+        stored = base.tokens.reshape(-1)
+        if len(stream) < stored.size or not np.array_equal(np.asarray(stream[: stored.size]), stored):
+            raise InputError(
+                f"--data {o.data} does not tokenize to the tokens stored in {where}",
+                hint="drop --data to use the file's own tokens",
+            )
+    comp = compare_with_base_file(
+        base, cmp_model, bos=bos, batch_size=o.batch_size, progress=_progress_for(progress, None)
+    )
+    if tokenizer is None and not o.no_bos:
+        comp.notes.append("no tokenizer, so token 0 of each chunk is not replaced by BOS (pass --tokenizer)")
+    settings = {
+        "ref_logits": where, "ref_format": "llama-cpp", "score": "llama-cpp", "ctx": base.n_ctx,
+        "chunks": base.n_chunk, "targets": f"{first_target(base.n_ctx)}..{base.n_ctx - 1}", "bos": bos,
+        "batch_size": o.batch_size, "tokenizer": tokenizer.source if tokenizer else None,
+    }
+    report = lm_report(comp, ref=where, cmp=str(cmp), settings=settings)
+    return DivergeReport(report, per_token_arrays(comp.measures))
 
 
 # --- sequence modes ------------------------------------------------------------------------------

@@ -8,16 +8,17 @@ Inputs, chosen by file suffix:
 * anything else: a plain UTF-8 text file, tokenized as one document (as llama.cpp does with
   wikitext), so windows run across paragraph breaks.
 
-Windows: each document is cut into windows of at most ``ctx`` tokens starting every ``stride``
-tokens. Within a window, token ``j`` is predicted from tokens ``< j``. Scoring rules (documented in
-docs/diverge.md):
+Windows (documented in docs/diverge.md, with a worked example):
 
-* ``second-half`` (default, as llama.cpp's perplexity and KL tools): only tokens in the second half
-  of each window are scored, so every scored token has at least ``ctx/2`` tokens of context and
-  the measures do not mix in the poorly conditioned first positions.
-* ``all``: every token that has context inside its window is scored: with overlapping windows
-  (``stride < ctx``) that is every token but the first of the document; with disjoint windows
-  (the default ``stride = ctx``) the first token of each window is skipped too.
+* ``llama-cpp`` (default): the data are ONE token stream (see :func:`read_token_stream`), cut into
+  ``floor(N / ctx)`` disjoint chunks; the rule itself lives in :mod:`.llamacpp`.
+* ``second-half`` and ``all`` cut each document on its own: windows of at most ``ctx`` tokens
+  starting every ``stride`` tokens; within a window, token ``j`` is predicted from tokens ``< j``.
+  ``second-half`` scores targets ``length//2 ... length-1`` of each window, so every scored token
+  has at least ``length/2`` tokens of context; ``all`` scores every token that has context inside
+  its window: with overlapping windows (``stride < ctx``) every token but the first of the
+  document; with disjoint windows (the default ``stride = ctx``) the first token of each window is
+  skipped too.
 
 With overlapping windows a token is scored once only, in the first window that may score it. Documents are streamed: nothing here holds more than one document's token ids.
 """
@@ -33,8 +34,9 @@ import torch
 
 from mlcompress.errors import InputError, UsageError
 
-ScoreRule = Literal["all", "second-half"]
-SCORE_RULES: tuple[str, ...] = ("all", "second-half")
+ScoreRule = Literal["llama-cpp", "second-half", "all"]
+SCORE_RULES: tuple[str, ...] = ("llama-cpp", "second-half", "all")
+PER_DOCUMENT_RULES: tuple[str, ...] = ("second-half", "all")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -108,6 +110,18 @@ def _text_document(path: Path, tokenize: Tokenize | None) -> Iterator[tuple[list
 def _jsonl_documents(
     path: Path, field: str, tokenize: Tokenize | None
 ) -> Iterator[tuple[list[int], str]]:
+    for value, where in jsonl_records(path, field):
+        if isinstance(value, str):
+            if tokenize is None:
+                raise _no_tokenizer(path)
+            yield tokenize(value), where
+        else:
+            yield value, where
+
+
+def jsonl_records(path: Path, field: str) -> Iterator[tuple[str | list[int], str]]:
+    """Each non-blank line's text (a ``str`` from ``field``) or pre-tokenized ``input_ids``
+    (a ``list[int]``), with ``file:line``; every malformed line is an :class:`InputError`."""
     with path.open("r", encoding="utf-8", errors="strict") as fh:
         lineno = 0
         while True:
@@ -131,9 +145,7 @@ def _jsonl_documents(
                 text = obj[field]
                 if not isinstance(text, str):
                     raise InputError(f"{where}: field {field!r} is not a string")
-                if tokenize is None:
-                    raise _no_tokenizer(path)
-                yield tokenize(text), where
+                yield text, where
             elif "input_ids" in obj:
                 yield _token_list(obj["input_ids"], where), where
             else:
@@ -142,6 +154,49 @@ def _jsonl_documents(
                     f"{where}: no {field!r} field and no 'input_ids' (keys: {keys})",
                     hint="name the text field with --field",
                 )
+
+
+#: How the texts of a .jsonl file are joined into the one text of ``--score llama-cpp``: as if
+#: each text were one line of a plain text file (which llama.cpp would read as one prompt).
+JOIN = "\n"
+
+
+def read_token_stream(path: str | Path, *, field: str = "text", tokenize: Tokenize | None = None) -> list[int]:
+    """The whole data set as ONE token stream, tokenized once, as llama.cpp's perplexity tool
+    reads its ``-f`` file (``--score llama-cpp``).
+
+    A plain text file is tokenized as it is. The texts of a ``.jsonl`` file are joined with
+    :data:`JOIN` and the result is tokenized once (so a tokenizer that adds BOS adds it once, at
+    the start of the stream, and tokens may merge across the joins exactly as they would in the
+    text file); lines of pre-tokenized ``input_ids`` are concatenated as given. A file mixing the
+    two is refused: there is no single stream it could stand for.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist or is not a file")
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        for ids, _ in _text_document(path, tokenize):
+            return list(ids)
+        raise InputError(f"{path} holds no documents", hint="give a file with text to score")
+    texts: list[str] = []
+    ids: list[int] = []
+    for value, where in jsonl_records(path, field):
+        if isinstance(value, str):
+            texts.append(value)
+        else:
+            ids.extend(value)
+        if texts and ids:
+            raise InputError(
+                f"{where}: the file mixes text and input_ids lines, so it is not one token stream",
+                hint="give text only or input_ids only",
+            )
+    if texts:
+        if tokenize is None:
+            raise _no_tokenizer(path)
+        return list(tokenize(JOIN.join(texts)))
+    if not ids:
+        raise InputError(f"{path} holds no documents", hint="give a file with text to score")
+    return ids
 
 
 def _token_list(value: object, where: str) -> list[int]:
@@ -167,8 +222,8 @@ def windows(
         raise UsageError(f"--ctx must be at least 2 (got {ctx})")
     if not 1 <= stride <= ctx:
         raise UsageError(f"--stride must be between 1 and --ctx={ctx} (got {stride})")
-    if score not in SCORE_RULES:
-        raise UsageError(f"--score must be one of {', '.join(SCORE_RULES)} (got {score!r})")
+    if score not in PER_DOCUMENT_RULES:
+        raise UsageError(f"per-document windows need --score {' or '.join(PER_DOCUMENT_RULES)} (got {score!r})")
     n = len(doc.ids)
     ids = torch.tensor(doc.ids, dtype=torch.long)
     scored_until = 1  # global index of the first target not yet scored (token 0 never is)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -61,6 +61,26 @@ class LmComparison:
     vocab_compared: int
     timer: "PhaseTimer | None" = None
     notes: list[str] = field(default_factory=list)
+    #: Measures the reference side could not provide (their report entries are null), e.g.
+    #: reverse KL against a llama.cpp base file, which keeps only log-probs near the top.
+    missing: tuple[str, ...] = ()
+    #: ``--score llama-cpp``: a :class:`~mlcompress.divergence.llamacpp.LlamaCppRun` (typed
+    #: loosely because that module builds on this one).
+    llama_cpp: Any = None
+
+
+@dataclass
+class BatchLogits:
+    """One batch as both models saw it, for hooks that keep more than the measures (reference
+    caches, llama.cpp's quantized-base rule): ``ref``/``cmp`` are flat ``[batch * width, vocab]``
+    logits, ``rows`` the scored rows in window order and ``targets`` their tokens."""
+
+    windows: list[Window]
+    ref: torch.Tensor
+    cmp: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    measures: TokenMeasures
 
 
 @dataclass
@@ -152,6 +172,7 @@ def scored_index(batch: list[Window], width: int) -> tuple[torch.Tensor, torch.T
 
 
 def all_windows(documents: Iterable[Document], settings: LmSettings) -> Iterator[Window]:
+    """The per-document windows (``--score second-half`` / ``all``) of every document."""
     for doc in documents:
         yield from windows(
             doc, ctx=settings.ctx, stride=settings.effective_stride, score=settings.score
@@ -161,17 +182,17 @@ def all_windows(documents: Iterable[Document], settings: LmSettings) -> Iterator
 def compare_lms(
     ref: LanguageModel,
     cmp: LanguageModel,
-    documents: Iterable[Document],
+    windows: Iterable[Window],
     settings: LmSettings,
     *,
     progress: Progress | None = None,
-    on_ref_batch: Callable[[list[Window], torch.Tensor, torch.Tensor, TokenMeasures], None]
-    | None = None,
+    on_batch: Iterable[Callable[[BatchLogits], None]] = (),
 ) -> LmComparison:
     """Run both models over every window and measure each scored position.
 
-    ``on_ref_batch(windows, ref_flat_logits, rows, measures)`` sees each batch's reference logits,
-    the scored row indices and their measures (used to build a reference cache while comparing).
+    Each hook in ``on_batch`` sees every batch's logits (:class:`BatchLogits`) before they are
+    dropped: that is how a reference cache is written, or llama.cpp's rule applied, in the same
+    pass.
     """
     if ref.vocab_size is not None and cmp.vocab_size is not None:
         check_vocab(ref.vocab_size, cmp.vocab_size, settings.shared_vocab)
@@ -180,7 +201,7 @@ def compare_lms(
     n_windows = 0
     timer = PhaseTimer(ref.device)
     vocab = None
-    for batch in batches(all_windows(documents, settings), settings.batch_size):
+    for batch in batches(iter(windows), settings.batch_size):
         ids = pad_batch(batch)
         where = f"document {batch[0].doc}"
         check_ids(ids, ref.vocab_size, "reference", where)
@@ -195,8 +216,8 @@ def compare_lms(
         cmp_flat = cmp_logits.reshape(-1, cmp_logits.shape[-1])
         rows, targets = scored_index(batch, ids.shape[1])
         m = _batch_measures(ref_flat, cmp_flat, rows, targets, vocab, settings.compiled)
-        if on_ref_batch is not None:
-            on_ref_batch(batch, ref_flat, rows, m)
+        for hook in on_batch:
+            hook(BatchLogits(batch, ref_flat, cmp_flat, rows, targets, m))
         m = m.to("cpu")
         parts.append(m)
         add_likelihoods(lls, batch, m)

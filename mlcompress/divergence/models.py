@@ -336,6 +336,23 @@ class Tokenizer:
     fingerprint: str
     source: str
     bos_token_id: int | None = None
+    #: The token the tokenizer puts before every text it encodes (its BOS), or None when it adds
+    #: none: llama.cpp's "the vocabulary adds BOS" (see :func:`prepended_token`).
+    added_bos: int | None = None
+
+
+#: Text used to see what a tokenizer adds around a text; any short plain text would do.
+PROBE_TEXT = "Hello world"
+
+
+def prepended_token(with_special: list[int], without: list[int]) -> int | None:
+    """The id a tokenizer prepends when it adds its special tokens, judged from one text encoded
+    with and without them: llama.cpp overwrites token 0 of every chunk with BOS exactly when the
+    vocabulary adds BOS, and a Hugging Face tokenizer says so only by doing it (the
+    ``add_bos_token`` setting, a post-processor template, or built into the class)."""
+    if len(with_special) > len(without) and with_special[1 : 1 + len(without)] == without:
+        return int(with_special[0])  # one token before the text (an EOS after it is ignored)
+    return None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -358,7 +375,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             bos = tok.token_to_id(candidate)
             if bos is not None:
                 break
-        return Tokenizer(lambda text: tok.encode(text).ids, fp, str(file), bos)
+        added = prepended_token(
+            tok.encode(PROBE_TEXT).ids, tok.encode(PROBE_TEXT, add_special_tokens=False).ids
+        )
+        return Tokenizer(lambda text: tok.encode(text).ids, fp, str(file), bos, added)
     if not path.is_dir():
         raise InputError(f"tokenizer {path} does not exist", hint="give tokenizer.json or a model directory")
     transformers = _transformers()
@@ -368,7 +388,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise InputError(f"{path}: no tokenizer found ({_first_line(exc)})") from None
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     fp = hashlib.sha256(repr((type(tok).__name__, vocab)).encode()).hexdigest()[:16]
-    return Tokenizer(lambda text: list(tok(text)["input_ids"]), fp, str(path), tok.bos_token_id)
+    added = prepended_token(
+        list(tok(PROBE_TEXT)["input_ids"]), list(tok(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    )
+    return Tokenizer(lambda text: list(tok(text)["input_ids"]), fp, str(path), tok.bos_token_id, added)
 
 
 def find_tokenizer(

@@ -14,6 +14,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mlcompress.divergence.llamacpp_stats import DELTA_P_PERCENTILES, KLD_PERCENTILES, statistics
 from mlcompress.divergence.lm import LmComparison
 from mlcompress.divergence.measures import TokenMeasures
 from mlcompress.divergence.stats import PERCENTILES, binomial_rate, perplexity, rms, summarize
@@ -97,8 +98,42 @@ def lm_report(comp: LmComparison, *, ref: str, cmp: str, settings: dict[str, Any
     )
     for label, value in delta_p["percentiles"].items():
         headline[f"delta_p_{label}"] = value
+    for name in comp.missing:  # what the reference side cannot provide is null, not a number
+        report[name] = None
+        headline.pop(name, None)
+    if comp.llama_cpp is not None:
+        report["llama_cpp"] = statistics(comp.llama_cpp)
+        if not comp.missing:
+            report["notes"].append(LLAMA_CPP_NOTE)
+        report["notes"] += comp.llama_cpp.notes
+        headline.update(llama_cpp_headline(report["llama_cpp"]))
     report["headline"] = headline
     return report
+
+
+#: What the ``llama_cpp`` block is, in words (the report says which KL is which).
+LLAMA_CPP_NOTE = (
+    "llama_cpp: llama.cpp's --kl-divergence figures, computed its way against the reference "
+    "log-probs as its .kld file stores them (16-bit codes over 16 nats below the top; KL summed "
+    "over tokens with base log-prob above -16); kl is our exact full-vocabulary KL"
+)
+
+
+def llama_cpp_headline(block: dict[str, Any]) -> dict[str, float]:
+    """Gate names for the llama.cpp figures: ``llama_cpp_kld``, ``llama_cpp_kld_p99``, ..."""
+    out = {
+        "llama_cpp_kld": block["kld"]["mean"],
+        "llama_cpp_same_top": block["same_top"]["value"],
+        "llama_cpp_delta_p_rms": block["rms_delta_p"]["value"],
+        "llama_cpp_ln_ppl_ratio": block["ln_ppl_ratio"]["value"],
+        "llama_cpp_ppl_cmp": block["ppl_cmp"]["value"],
+    }
+    if block["summary"]:
+        out["llama_cpp_ppl_base"] = block["ppl_base"]["value"]
+        out["llama_cpp_ppl_ratio"] = block["ppl_ratio"]["value"]
+        for label, value in block["kld"]["percentiles"].items():
+            out[f"llama_cpp_kld_{label}"] = value
+    return out
 
 
 # --- gates -----------------------------------------------------------------------------------
@@ -167,6 +202,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         verdict = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
         table.add_row(f"gate {name} <= {g['threshold']:g}", f"{g['value']:.6g} {verdict}")
     console.print(table)
+    if report.get("llama_cpp"):
+        console.print(_llama_cpp_table(report["llama_cpp"]))
     for note in report.get("notes", []):
         console.print(f"note: {note}")
 
@@ -191,9 +228,9 @@ def _render_block(table: Table, r: dict[str, Any]) -> None:
     for label, _ in PERCENTILES:
         if label in kl["percentiles"]:
             table.add_row(f"  KL {label}", f"{kl['percentiles'][label]:.6g}")
-    table.add_row("mean KL(cmp‖ref)", _pm(r["reverse_kl"]["mean"], r["reverse_kl"]["stderr"]))
-    table.add_row("mean JS", _pm(r["js"]["mean"], r["js"]["stderr"]))
-    table.add_row("mean total variation", _pm(r["tv"]["mean"], r["tv"]["stderr"]))
+    for key, label in (("reverse_kl", "mean KL(cmp‖ref)"), ("js", "mean JS"), ("tv", "mean total variation")):
+        if r.get(key) is not None:
+            table.add_row(label, _pm(r[key]["mean"], r[key]["stderr"]))
     st = r["same_top"]
     table.add_row("same top", _pm(st["rate"], st["stderr"], 100, 5) + " %")
     if r["mode"] == "data":
@@ -202,6 +239,37 @@ def _render_block(table: Table, r: dict[str, Any]) -> None:
         table.add_row("RMS Δp", f"{dp['rms'] * 100:.4g} %")
         for label, _ in PERCENTILES:
             table.add_row(f"  Δp {label}", f"{dp['percentiles'][label] * 100:.4g} %")
+
+
+def _llama_cpp_table(b: dict[str, Any]) -> Table:
+    """llama.cpp's own summary, with its labels, units (%) and precision."""
+    table = Table(title="llama.cpp --kl-divergence figures (against the 16-bit base)", header_style="bold")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    pm = lambda v, digits=6, scale=1.0: f"{v['value'] * scale:.{digits}f} ± {v['uncertainty'] * scale:.{digits}f}"  # noqa: E731
+    table.add_row("scored tokens", f"{b['positions']:,} in {b['chunks']:,} chunks of {b['ctx']}")
+    table.add_row("Mean PPL(Q)", pm(b["ppl_cmp"]))
+    if b["summary"]:
+        table.add_row("Mean PPL(base)", pm(b["ppl_base"]))
+        table.add_row("Cor(ln(PPL(Q)), ln(PPL(base)))", f"{100 * b['ln_ppl_correlation']:.2f}%")
+    table.add_row("Mean ln(PPL(Q)/PPL(base))", pm(b["ln_ppl_ratio"]))
+    if b["summary"]:
+        table.add_row("Mean PPL(Q)/PPL(base)", pm(b["ppl_ratio"]))
+        table.add_row("Mean PPL(Q)-PPL(base)", pm(b["ppl_difference"]))
+    kld = b["kld"]
+    table.add_row("Mean KLD", f"{kld['mean']:.6f} ± {kld['uncertainty']:.6f}")
+    for label, _ in KLD_PERCENTILES if b["summary"] else ():
+        table.add_row(f"  KLD {label}", f"{kld['percentiles'][label]:.6f}")
+    if b["summary"]:
+        dp = b["delta_p"]
+        table.add_row("Mean Δp", f"{100 * dp['mean']:.3f} ± {100 * dp['uncertainty']:.3f} %")
+        for label, _ in DELTA_P_PERCENTILES:
+            table.add_row(f"  Δp {label}", f"{100 * dp['percentiles'][label]:.3f}%")
+    table.add_row("RMS Δp", pm(b["rms_delta_p"], 3, 100.0) + " %")
+    table.add_row("Same top p", pm(b["same_top"], 3, 100.0) + " %")
+    if not b["summary"]:
+        table.add_row("summary", f"not printed by llama.cpp below 100 tokens ({b['positions']})")
+    return table
 
 
 def _render_sequence(table: Table, r: dict[str, Any]) -> None:

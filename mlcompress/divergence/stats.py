@@ -3,7 +3,9 @@
 Practitioners compare against llama.cpp's ``--kl-divergence`` output, so the same quantities are
 reported: mean with its standard error, the percentile set below, RMS of delta-p, the same-top
 rate with its binomial standard error, and the perplexities with their ratio. Percentiles use
-linear interpolation between order statistics (numpy's default).
+linear interpolation between order statistics (numpy's default). These summarise our exact
+measures; llama.cpp's own figures, with its small-N rules and float32 percentiles, are in
+:mod:`.llamacpp_stats`.
 """
 
 from __future__ import annotations
