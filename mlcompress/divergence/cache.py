@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mlcompress.atomic import atomic_output
-from mlcompress.divergence.data import Window, batches, pad_batch
+from mlcompress.divergence.data import Window
 from mlcompress.divergence.lm import (
     BatchLogits,
     LmComparison,
@@ -42,7 +42,7 @@ from mlcompress.divergence.lm import (
     SequenceLikelihood,
     add_likelihoods,
     check_ids,
-    safe_logits,
+    compared_batches,
     scored_index,
 )
 from mlcompress.divergence.measures import (
@@ -255,19 +255,9 @@ def compare_with_cache(
     done = 0  # scored positions consumed from the cache so far
     timer = PhaseTimer(cmp.device)
     n_windows = 0
-    for batch in batches(iter(cache.windows()), batch_size):
-        ids = pad_batch(batch)
-        timer.start()
-        logits = safe_logits(cmp, ids)
-        timer.forward_done()
-        if logits.shape[-1] != cache.vocab:
-            raise InputError(
-                f"the compared model has {logits.shape[-1]} tokens but the reference cache "
-                f"{cache.vocab}",
-                hint="a reference cache compares models with identical vocabularies",
-            )
+    for batch, logits in compared_batches(cmp, cache.windows(), batch_size, timer, cache.vocab, "the reference cache"):
         flat = logits.reshape(-1, logits.shape[-1])
-        rows, targets = scored_index(batch, ids.shape[1])
+        rows, targets = scored_index(batch, logits.shape[1])
         rows = rows.to(flat.device)
         starts = row_blocks(rows.numel(), flat.shape[-1])
         for r0 in starts:

@@ -25,19 +25,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from mlcompress.divergence.data import Window, batches, pad_batch
+from mlcompress.divergence.data import Window
 from mlcompress.divergence.kld_file import KldFile, KldWriter, QuantizedRows, quantize_rows
-from mlcompress.divergence.lm import (
-    BatchLogits,
-    LmComparison,
-    PhaseTimer,
-    SequenceLikelihood,
-    add_likelihoods,
-    check_ids,
-    safe_logits,
-)
+from mlcompress.divergence.lm import BatchLogits, LmComparison, PhaseTimer, SequenceLikelihood, add_likelihoods
+from mlcompress.divergence.lm import check_ids, compared_batches
 from mlcompress.divergence.measures import TokenMeasures, row_blocks
-from mlcompress.divergence.models import Tokenizer
+from mlcompress.divergence.models import LanguageModel, Tokenizer
 from mlcompress.errors import InputError
 
 #: llama.cpp leaves out of its KL sum every token whose decoded base log-prob is not above this.
@@ -186,14 +179,14 @@ def base_windows(base: KldFile, bos: int | None) -> list[Window]:
 
 def compare_with_base_file(
     base: KldFile,
-    cmp,
+    cmp: LanguageModel,
     *,
     bos: int | None,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
 ) -> LmComparison:
-    """Compare ``cmp`` (a :class:`~mlcompress.divergence.models.LanguageModel`) with a llama.cpp
-    base file, on the file's own chunks, the way ``llama-perplexity --kl-divergence`` does.
+    """Compare ``cmp`` with a llama.cpp base file, on the file's own chunks, the way
+    ``llama-perplexity --kl-divergence`` does.
 
     Only llama.cpp's measures exist here: the file keeps 16-bit log-probs within 16 nats of the
     top, so the full-vocabulary KL, reverse KL, JS and TV cannot be formed (left null)."""
@@ -204,16 +197,7 @@ def compare_with_base_file(
     lls: dict[int, SequenceLikelihood] = {}
     timer = PhaseTimer(cmp.device)
     first = first_target(base.n_ctx)
-    for batch in batches(iter(windows), batch_size):
-        ids = pad_batch(batch)
-        timer.start()
-        logits = safe_logits(cmp, ids)
-        timer.forward_done()
-        if logits.shape[-1] != base.n_vocab:
-            raise InputError(
-                f"the compared model has {logits.shape[-1]} tokens but {base.path} was made with n_vocab {base.n_vocab}",
-                hint="a .kld base compares models with the same vocabulary",
-            )
+    for batch, logits in compared_batches(cmp, windows, batch_size, timer, base.n_vocab, f"{base.path}'s n_vocab"):
         batch_parts = []
         for row, w in enumerate(batch):
             records = base.chunk(w.doc)

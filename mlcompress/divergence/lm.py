@@ -155,6 +155,25 @@ def safe_logits(model: LanguageModel, ids: torch.Tensor) -> torch.Tensor:
         ) from None
 
 
+def compared_batches(
+    model: LanguageModel, windows: Iterable[Window], batch_size: int, timer: PhaseTimer, vocab: int, against: str
+) -> Iterator[tuple[list[Window], torch.Tensor]]:
+    """Batches of ``windows`` with ``model``'s logits, for comparisons against a stored
+    reference (``against`` names it): the forward time goes to ``timer``, and a vocabulary other
+    than the reference's ``vocab`` is refused."""
+    for batch in batches(iter(windows), batch_size):
+        ids = pad_batch(batch)
+        timer.start()
+        logits = safe_logits(model, ids)
+        timer.forward_done()
+        if logits.shape[-1] != vocab:
+            raise InputError(
+                f"the compared model has {logits.shape[-1]} tokens but {against} has {vocab}",
+                hint="a stored reference compares models with the same vocabulary",
+            )
+        yield batch, logits
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued CUDA work so that wall-clock timings mean what they say."""
     if device.type == "cuda":
