@@ -6,7 +6,12 @@ from typing import Optional
 
 import typer
 
+from mlcompress.distributed import refuse_if_launched
 from mlcompress.version import __version__
+
+#: The commands that shard their work under torchrun (docs/scale.md); the others would only run
+#: N copies racing on one output file.
+SHARDED_COMMANDS = ("encode", "diverge", "fit-posterior")
 
 app = typer.Typer(
     name="mlcompress",
@@ -25,6 +30,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     """Compress trained PyTorch models into small .mrc files, restore them, and measure what it cost."""
+    if ctx.invoked_subcommand not in SHARDED_COMMANDS:
+        refuse_if_launched(f"mlcompress {ctx.invoked_subcommand}")

@@ -14,6 +14,7 @@ from mlcompress.cli import options
 from mlcompress.cli.app import app
 from mlcompress.cli.output import Output, human_bytes
 from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, DEFAULT_MIN_REC_NUMEL, MAX_BITS_PER_BLOCK
+from mlcompress.distributed import main_process, refuse_if_launched
 from mlcompress.errors import UsageError
 
 
@@ -42,7 +43,7 @@ def encode(
     debug: options.Debug = False,
 ) -> None:
     """Compress a checkpoint into a .mrc container."""
-    out = Output(json, quiet)
+    out = Output(json and main_process(), quiet or not main_process())  # under torchrun, process 0 speaks
     rec_flags = {"--bits-per-block": bits_per_block, "--bits-per-weight": bits_per_weight, "--kl-budget": kl_budget,
                  "--target-size": target_size, "--selection": selection}
     given = [flag for flag, value in rec_flags.items() if value is not None]
@@ -50,6 +51,7 @@ def encode(
         raise UsageError(f"--lossless and {given[0]} choose different methods", hint="pass one of them")
     method: api.Method | None = None
     if lossless:
+        refuse_if_launched("encode --lossless")
         method = api.Lossless()
     elif given:
         method = api.Rec(bits_per_block=bits_per_block, bits_per_weight=bits_per_weight, kl_budget_bits=kl_budget,

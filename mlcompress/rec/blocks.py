@@ -10,7 +10,7 @@ into ``rec`` payloads and params (:func:`item_payloads`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,11 +19,12 @@ from mlcompress.codecs.rec import compact_prior
 from mlcompress.codecs.rec.layout import BlockLayout
 from mlcompress.codecs.rec.limits import MAX_BLOCK_WEIGHTS
 from mlcompress.codecs.rec.payload import encode_indices
+from mlcompress.distributed import SINGLE, World
 from mlcompress.errors import CodecError
 from mlcompress.posterior.file import PosteriorTensor
 from mlcompress.posterior.meankl import kl_gaussian
 from mlcompress.progress import Progress, report
-from mlcompress.rec.encoder import score_coefficients, select_candidates
+from mlcompress.rec.encoder import score_coefficients, select_candidates, selection_plan
 
 __all__ = ["RecItem", "rec_params", "posterior_item", "coefficient_matrix", "choose_indices", "item_payloads",
            "encode_items"]
@@ -75,20 +76,25 @@ def rec_params(item: RecItem, *, bits: int, seed: int, selection: str, index_cod
     return params
 
 
-def coefficient_matrix(items: list[RecItem], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def coefficient_matrix(items: list[RecItem], width: int, rows: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, b)`` float32 ``[total blocks, width]``: score coefficients of every block of every
-    item, in item order, slot ``j`` of a block in column ``j``, short blocks padded with zeros."""
+    item, in item order, slot ``j`` of a block in column ``j``, short blocks padded with zeros.
+    ``rows`` (a range of block numbers) builds only those rows: a process of a sharded encode
+    holds its share, not the whole model's matrix."""
     total = sum(it.layout.num_blocks for it in items)
-    a_all = torch.zeros(total, width, dtype=torch.float32)
-    b_all = torch.zeros(total, width, dtype=torch.float32)
+    rows = range(total) if rows is None else rows
+    a_all = torch.zeros(len(rows), width, dtype=torch.float32)
+    b_all = torch.zeros(len(rows), width, dtype=torch.float32)
     row = 0
     for it in items:
-        a, b = score_coefficients(it.mean, it.std, torch.tensor(it.prior_mean), torch.tensor(it.prior_std))
-        slots = it.layout.block_index_matrix()
-        valid = slots >= 0
-        rows = slice(row, row + it.layout.num_blocks)
-        a_all[rows, : slots.shape[1]][valid] = a[slots[valid]]
-        b_all[rows, : slots.shape[1]][valid] = b[slots[valid]]
+        lo, hi = max(rows.start, row), min(rows.stop, row + it.layout.num_blocks)
+        if lo < hi:
+            a, b = score_coefficients(it.mean, it.std, torch.tensor(it.prior_mean), torch.tensor(it.prior_std))
+            slots = it.layout.block_index_matrix()[lo - row : hi - row]
+            valid = slots >= 0
+            out = slice(lo - rows.start, hi - rows.start)
+            a_all[out, : slots.shape[1]][valid] = a[slots[valid]]
+            b_all[out, : slots.shape[1]][valid] = b[slots[valid]]
         row += it.layout.num_blocks
     return a_all, b_all
 
@@ -102,9 +108,16 @@ def choose_indices(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
     rows: torch.Tensor | None = None,
-) -> torch.Tensor:
+    world: World = SINGLE,
+) -> torch.Tensor | None:
     """The chosen candidate of every block of ``items`` (numbered consecutively in item order),
-    or only of the blocks ``rows`` (int64), all chosen jointly against one candidate set."""
+    or only of the blocks ``rows`` (int64), all chosen jointly against one candidate set.
+
+    In a sharded run (``world`` of several processes) each process chooses a contiguous share
+    of whole block groups (:func:`~mlcompress.rec.encoder.selection_plan`) and process 0
+    receives all indices -- the same ones, bit for bit, as one process chooses; the others get
+    None. Progress then counts this process's share.
+    """
     for it in items:
         if it.layout.max_block_size > MAX_BLOCK_WEIGHTS:
             raise CodecError(
@@ -112,11 +125,34 @@ def choose_indices(
                 hint="raise the bits per weight or lower --bits-per-block",
             )
     width = max(it.layout.max_block_size for it in items)
+    shown = lambda done, total: report(progress, "REC blocks", done, total, "blocks")  # noqa: E731
+    if world.distributed and rows is None:
+        return _sharded_indices(items, width, bits=bits, seed=seed, selection=selection, device=device,
+                                progress=shown, world=world)
     a, b = coefficient_matrix(items, width)
     if rows is not None:
         a, b = a[rows], b[rows]
     return select_candidates(a, b, bits=bits, seed=seed, selection=selection, device=device, block_ids=rows,
-                             progress=lambda done, total: report(progress, "REC blocks", done, total, "blocks"))
+                             progress=shown)
+
+
+def _sharded_indices(items: list[RecItem], width: int, *, bits: int, seed: int, selection: str,
+                     device: torch.device | str, progress: Callable[[float, int], None],
+                     world: World) -> torch.Tensor | None:
+    """This process's share of whole groups, chosen with one process's group and chunk sizes;
+    all indices on process 0 (as int32 on the wire: an index has at most 24 bits)."""
+    total = sum(it.layout.num_blocks for it in items)
+    group, chunk = selection_plan(total, width, bits)
+    share = world.share(total, unit=group)
+    with world.guard():
+        local = torch.zeros(0, dtype=torch.int64)
+        if len(share):
+            a, b = coefficient_matrix(items, width, share)
+            local = select_candidates(a, b, bits=bits, seed=seed, selection=selection, device=device,
+                                      block_offset=share.start, group_size=group, chunk_size=chunk,
+                                      progress=progress)
+    indices = world.gather_cat(local.to(torch.int32))
+    return None if indices is None else indices.to(torch.int64)
 
 
 def item_payloads(items: list[RecItem], indices: torch.Tensor, *, bits: int, seed: int, selection: str = "is",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,6 +34,7 @@ from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_BLOCK, blocks_for_bud
                                           is_rec_candidate)
 from mlcompress.container import Alias, EncodedTensor, file_size, open_mrc, shared_storage_aliases, write_encoded
 from mlcompress.device import resolve_device
+from mlcompress.distributed import join
 from mlcompress.errors import InputError, UsageError
 from mlcompress.format.dtypes import dtype_name
 from mlcompress.options import Rec
@@ -80,16 +82,68 @@ def encode_rec(
     Nothing is written unless every tensor encodes. ``tensors`` (a state dict) or ``posterior``
     (a loaded posterior file) skip reading ``src``, which then only names the source.
     ``options`` is never modified.
+
+    Under torchrun every process reads the source and chooses the indices of its share of the
+    blocks; process 0 receives them all and writes the file, byte for byte the one a single
+    process writes (docs/scale.md); every process returns its report.
     """
     start = time.perf_counter()
     options = options or Rec()
     options.validate()
-    device = resolve_device(options.device)
-    dst = Path(dst) if dst is not None else default_output(src)
-    check_destination(dst, force=force)
+    world = join(options.device)
+    with world.guard():  # reading and checking the source may fail on one process only
+        device = resolve_device(options.device)
+        job = _prepare(src, dst, options, force=force, unsafe_pickle=unsafe_pickle, tensors=tensors,
+                       posterior=posterior, distributed=world.distributed, main=world.is_main)
+    progressive: dict[str, Any] = {}
+    state_path = job.dst.with_name(job.dst.name + ".progress")
+    if options.progressive:
+        assert job.posterior is not None
+        indices, progressive = progressive_indices(job.items, job.posterior, get_task(options.task, options.data),
+                                                   options, bits=job.bits, device=device, state_path=state_path,
+                                                   progress=progress)
+    else:
+        indices = choose_indices(job.items, bits=job.bits, seed=options.seed, selection=options.selection,
+                                 device=device, progress=progress, world=world)
+    report: Report | None = None
+    with world.guard():  # process 0 writes; the others wait to hear that it did
+        if world.is_main:
+            assert indices is not None
+            report = _write(job, indices, options, force=force, device=device, start=start,
+                            progressive=progressive)
+            if progressive:
+                state_path.unlink(missing_ok=True)
+    return world.broadcast(report)
 
+
+@dataclass
+class _Job:
+    """A REC encode ready for choosing indices: the items to code and everything around them."""
+
+    dst: Path
+    bits: int
+    items: list[RecItem]
+    entries_order: list[str]
+    aliases: dict[str, str]
+    others: dict[str, EncodedTensor]
+    metadata: dict
+    posterior: Posterior | None
+
+
+def _prepare(src: str | os.PathLike, dst: str | os.PathLike | None, options: Rec, *, force: bool,
+             unsafe_pickle: bool, tensors: Mapping[str, torch.Tensor] | None, posterior: Posterior | None,
+             distributed: bool, main: bool) -> _Job:
+    """Read the source, choose the REC tensors and their block counts: everything before the
+    indices. Only process 0 checks the destination (it alone writes; other machines may not
+    even have its directory)."""
+    dst = Path(dst) if dst is not None else default_output(src)
+    if main:
+        check_destination(dst, force=force)
     if posterior is None and tensors is None and Path(src).is_file() and is_posterior_file(src):
         posterior = load_posterior(src)
+    if options.progressive and distributed:
+        raise UsageError("progressive REC (--task) retrains between groups and runs in one process",
+                         hint="launch it without torchrun")
     if options.progressive and posterior is None:
         raise UsageError("progressive coding (--task) needs a posterior file (fit-posterior's output)",
                          hint="fit one with mlcompress fit-posterior, or drop --task")
@@ -134,28 +188,24 @@ def encode_rec(
         items = [posterior_item(n, pt, posterior.layout_seed) for n, pt in posterior.tensors.items()]
     else:
         items = _datafree_items(tensors, rec_names, bits, options, list(others.values()), metadata)
+    return _Job(dst, bits, items, order, aliases, others, metadata, posterior)
 
-    progressive: dict[str, Any] = {}
-    if options.progressive:
-        assert posterior is not None
-        state_path = dst.with_name(dst.name + ".progress")
-        indices, progressive = progressive_indices(items, posterior, get_task(options.task, options.data), options,
-                                                   bits=bits, device=device, state_path=state_path, progress=progress)
-    else:
-        indices = choose_indices(items, bits=bits, seed=options.seed, selection=options.selection, device=device,
-                                 progress=progress)
+
+def _write(job: _Job, indices: torch.Tensor, options: Rec, *, force: bool, device: torch.device, start: float,
+           progressive: dict[str, Any]) -> Report:
+    """The ``rec`` records from the chosen indices, the file, and its report."""
+    items, bits = job.items, job.bits
     coded = item_payloads(items, indices, bits=bits, seed=options.seed, selection=options.selection,
                           index_coding=options.index_coding)
     rec_entries = {it.name: EncodedTensor(it.name, it.shape, it.dtype, "rec", params, payload)
                    for it, (payload, params) in zip(items, coded)}
-    entries = [Alias(n, aliases[n]) if n in aliases else rec_entries.get(n) or others[n] for n in order]
-    write_encoded(dst, entries, metadata, force=force)
-    if progressive:
-        state_path.unlink(missing_ok=True)
+    entries = [Alias(n, job.aliases[n]) if n in job.aliases else rec_entries.get(n) or job.others[n]
+               for n in job.entries_order]
+    write_encoded(job.dst, entries, job.metadata, force=force)
     blocks = sum(it.layout.num_blocks for it in items)
     kl = torch.cat([it.block_kl() for it in items]) / NATS_PER_BIT
     details = {
-        "source": "posterior" if posterior is not None else "data-free",
+        "source": "posterior" if job.posterior is not None else "data-free",
         "rec_tensors": len(items),
         "rec_weights": sum(it.layout.numel for it in items),
         "blocks": blocks,
@@ -168,7 +218,7 @@ def encode_rec(
         "device": str(device),
         **progressive,
     }
-    return Report.of(open_mrc(dst), "rec", time.perf_counter() - start, details)
+    return Report.of(open_mrc(job.dst), "rec", time.perf_counter() - start, details)
 
 
 def _datafree_items(tensors: Mapping[str, torch.Tensor], rec_names: list[str], bits: int, options: Rec,

@@ -48,6 +48,7 @@ __all__ = [
     "score_coefficients",
     "select_candidates",
     "select_candidates_loop",
+    "selection_plan",
 ]
 
 #: Candidates per selection segment (importance sampling draws, ORC arrival blocks).
@@ -175,6 +176,15 @@ def _chunk_size(num_candidates: int, dim: int, group: int) -> int:
     return min(1 << (rows.bit_length() - 1), num_candidates)
 
 
+def selection_plan(num_blocks: int, dim: int, bits: int, group_size: int = _DEFAULT_GROUP) -> tuple[int, int]:
+    """``(group, chunk)``: blocks per group and candidates per chunk that
+    :func:`select_candidates` uses for ``num_blocks`` blocks of width ``dim``. A sharded encode
+    gives each process whole groups of this size and this chunk, so every group is computed
+    exactly as in one process (same shapes, same products: the same bits)."""
+    group = max(1, min(group_size, num_blocks))
+    return group, _chunk_size(1 << bits, dim, group)
+
+
 def _features(seed: int, k0: int, k1: int, dim: int, device: torch.device) -> torch.Tensor:
     """float32 ``[k1 - k0, 2 * dim]``: ``[z^2, z]`` of candidates ``k0 .. k1 - 1``."""
     codes = candidate_codes(seed, torch.arange(k0, k1, dtype=torch.int64, device=device), dim)
@@ -215,8 +225,8 @@ def select_candidates(
     device = torch.device(device)
     num_blocks, dim = a.shape
     K = 1 << bits
-    group = max(1, min(group_size, num_blocks))
-    chunk = chunk_size or _chunk_size(K, dim, group)
+    group, default_chunk = selection_plan(num_blocks, dim, bits, group_size)
+    chunk = chunk_size or default_chunk
     seg = min(SEGMENT, K)
     if chunk & (chunk - 1) or chunk < seg or chunk > K:
         raise ValueError(f"chunk_size must be a power of two in [{seg}, {K}], got {chunk}")
