@@ -11,6 +11,7 @@ from mlcompress import api
 from mlcompress.cli import options
 from mlcompress.cli.app import app
 from mlcompress.cli.output import Output
+from mlcompress.distributed import main_process
 from mlcompress.errors import GateFailed, UsageError
 
 
@@ -60,7 +61,7 @@ def diverge(
             hint="mlcompress diverge ref_model cmp_model --data val.jsonl (or CMP --ref-logits F)",
         )
     gates = parse_gates(fail_above or [])
-    out = Output(json, quiet)
+    out = Output(json and main_process(), quiet or not main_process())  # under torchrun, process 0 speaks
     settings = dict(
         data=data, field=field, tokenizer=tokenizer, ctx=ctx, stride=stride, score=score,
         batch_size=batch_size, device=device, mode=mode, samples=samples, length=length, bos=bos,

@@ -247,15 +247,21 @@ def compare_with_cache(
     *,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    share: range | None = None,
 ) -> LmComparison:
-    """Compare ``cmp`` against a reference cache on the cache's own windows."""
+    """Compare ``cmp`` against a reference cache on the cache's own windows, or on the windows
+    numbered ``share`` (a data-parallel process's)."""
     check_ids(cache.ids, cmp.vocab_size, "compared", str(cache.path))
     parts: list[TokenMeasures] = []
     lls: dict[int, SequenceLikelihood] = {}
-    done = 0  # scored positions consumed from the cache so far
+    windows = cache.windows()
+    share = range(len(windows)) if share is None else share
+    # scored positions consumed from the cache so far (a share starts after the others' rows)
+    done = sum(w.n_scored for w in windows[: share.start])
     timer = PhaseTimer(cmp.device)
     n_windows = 0
-    for batch, logits in compared_batches(cmp, cache.windows(), batch_size, timer, cache.vocab, "the reference cache"):
+    mine = windows[share.start : share.stop]
+    for batch, logits in compared_batches(cmp, mine, batch_size, timer, cache.vocab, "the reference cache"):
         flat = logits.reshape(-1, logits.shape[-1])
         rows, targets = scored_index(batch, logits.shape[1])
         rows = rows.to(flat.device)

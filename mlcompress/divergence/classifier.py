@@ -8,6 +8,7 @@ example, with the same statistics as for language models.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,8 +41,32 @@ def load_classifier(
     return load_task_model(task, load_checkpoint(path, unsafe_pickle=unsafe_pickle), device)
 
 
+@dataclass
+class ClassifierOutcomes:
+    """Per-example results of both models on (a share of) the test set: enough for the report,
+    and concatenable across processes in batch order."""
+
+    measures: TokenMeasures
+    ref_ok: torch.Tensor  # bool [examples]: the reference's answer is right
+    cmp_ok: torch.Tensor
+    timer: PhaseTimer
+
+    @staticmethod
+    def cat(parts: list["ClassifierOutcomes"], timer: PhaseTimer) -> "ClassifierOutcomes":
+        return ClassifierOutcomes(TokenMeasures.cat([p.measures for p in parts]),
+                                  torch.cat([p.ref_ok for p in parts]), torch.cat([p.cmp_ok for p in parts]), timer)
+
+
+def count_test_batches(task: Task, batch_size: int) -> int:
+    """How many test batches ``task`` yields (what data-parallel runs share out)."""
+    inputs = getattr(task, "test_inputs", None)
+    if inputs is not None:
+        return -(-len(inputs) // batch_size)
+    return sum(1 for _ in task.test_batches(batch_size))
+
+
 @torch.no_grad()
-def compare_classifiers(
+def classifier_outcomes(
     task: Task,
     ref: nn.Module,
     cmp: nn.Module,
@@ -49,12 +74,15 @@ def compare_classifiers(
     device: torch.device,
     batch_size: int = EVAL_BATCH,
     progress: Callable[[int], None] | None = None,
-) -> tuple[dict[str, Any], TokenMeasures]:
-    """Report (a JSON-able dict with ``headline``) and the per-example measures."""
+    batches: range | None = None,
+) -> ClassifierOutcomes:
+    """Both models on every test batch, or on the batches numbered ``batches`` (a share)."""
     parts: list[TokenMeasures] = []
     ref_ok_all, cmp_ok_all = [], []
     timer = PhaseTimer(device)
-    for inputs, targets in task.test_batches(batch_size):
+    for index, (inputs, targets) in enumerate(task.test_batches(batch_size)):
+        if batches is not None and index not in batches:
+            continue
         inputs, targets = inputs.to(device), targets.to(device)
         timer.start()
         out_ref, out_cmp = ref(inputs), cmp(inputs)
@@ -66,8 +94,14 @@ def compare_classifiers(
         timer.measures_done()
         if progress is not None:
             progress(len(targets))
-    m = TokenMeasures.cat(parts)
-    ref_ok, cmp_ok = torch.cat(ref_ok_all), torch.cat(cmp_ok_all)
+    empty = torch.zeros(0, dtype=torch.bool)
+    return ClassifierOutcomes(TokenMeasures.cat(parts), torch.cat(ref_ok_all) if ref_ok_all else empty,
+                              torch.cat(cmp_ok_all) if cmp_ok_all else empty, timer)
+
+
+def classifier_report(task: Task, outcomes: ClassifierOutcomes) -> dict[str, Any]:
+    """The report (a JSON-able dict with ``headline``) of the outcomes on the whole test set."""
+    m, ref_ok, cmp_ok, timer = outcomes.measures, outcomes.ref_ok, outcomes.cmp_ok, outcomes.timer
     n = int(ref_ok.numel())
     block = measure_block(m)
     acc_ref, se_ref = binomial_rate(int(ref_ok.sum()), n)
@@ -100,4 +134,4 @@ def compare_classifiers(
         }
     )
     report["headline"] = headline
-    return report, m
+    return report

@@ -112,11 +112,14 @@ def _pack(rows: QuantizedRows, n_vocab: int) -> bytes:
 class KldWriter:
     """Streams a ``.kld`` file: the header and tokens first (needs n_vocab, so on the first
     rows), then records in chunk order. The caller owns the file (a temporary file from
-    :func:`mlcompress.atomic.atomic_output`, so a failed run leaves nothing behind)."""
+    :func:`mlcompress.atomic.atomic_output`, so a failed run leaves nothing behind).
+    ``header=False`` writes records only: a later part of the file, which a data-parallel run
+    appends to process 0's file (``records`` then counts the whole file's before ``finish``)."""
 
-    def __init__(self, fh: BinaryIO, *, n_ctx: int, tokens: Sequence[int]) -> None:
+    def __init__(self, fh: BinaryIO, *, n_ctx: int, tokens: Sequence[int], header: bool = True) -> None:
         if n_ctx < 3 or len(tokens) == 0 or len(tokens) % n_ctx:
             raise InputError(f"a .kld file needs whole chunks of n_ctx >= 3 tokens (got {len(tokens)} for {n_ctx})")
+        self.header = header
         self.fh = fh
         self.n_ctx = n_ctx
         self.tokens = np.asarray(tokens, dtype="<i4")
@@ -129,8 +132,9 @@ class KldWriter:
         vocab = int(rows.codes.shape[-1])
         if self.n_vocab is None:
             self.n_vocab = vocab
-            self.fh.write(HEADER.pack(MAGIC, self.n_ctx, vocab, self.n_chunk))
-            self.fh.write(self.tokens.tobytes())
+            if self.header:
+                self.fh.write(HEADER.pack(MAGIC, self.n_ctx, vocab, self.n_chunk))
+                self.fh.write(self.tokens.tobytes())
         elif vocab != self.n_vocab:
             raise InputError(f"rows of {vocab} logits after rows of {self.n_vocab}")
         self.fh.write(_pack(rows, vocab))

@@ -184,13 +184,17 @@ def compare_with_base_file(
     bos: int | None,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    share: range | None = None,
 ) -> LmComparison:
-    """Compare ``cmp`` with a llama.cpp base file, on the file's own chunks, the way
-    ``llama-perplexity --kl-divergence`` does.
+    """Compare ``cmp`` with a llama.cpp base file, on the file's own chunks (or the chunks
+    numbered ``share``, a data-parallel process's), the way ``llama-perplexity
+    --kl-divergence`` does.
 
     Only llama.cpp's measures exist here: the file keeps 16-bit log-probs within 16 nats of the
     top, so the full-vocabulary KL, reverse KL, JS and TV cannot be formed (left null)."""
     windows = base_windows(base, bos)
+    if share is not None:
+        windows = windows[share.start : share.stop]
     check_ids(torch.from_numpy(base.tokens), cmp.vocab_size, "compared", str(base.path))
     parts: list[LlamaCppTokens] = []
     measures: list[TokenMeasures] = []
