@@ -16,6 +16,7 @@ from mlcompress.cli import options
 from mlcompress.cli.app import app
 from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, MAX_BITS_PER_BLOCK
 from mlcompress.cli.output import Output
+from mlcompress.distributed import main_process
 from mlcompress.errors import UsageError
 
 _REFRESH_S = 0.25
@@ -77,7 +78,7 @@ def fit_posterior_command(
     from mlcompress.options import parse_size
     from mlcompress.posterior.budget import parse_hash
 
-    out = Output(json, quiet)
+    out = Output(json and main_process(), quiet or not main_process())  # under torchrun, process 0 speaks
     config = FitConfig(
         parameterization=param, bits_per_block=bits_per_block, kl_margin=kl_margin, bits_per_weight=bits_per_weight,
         steps=steps, lr=lr, batch_size=batch_size, seed=seed, local_reparam=local_reparam,

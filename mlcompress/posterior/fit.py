@@ -27,6 +27,7 @@ import torch
 from mlcompress.atomic import atomic_output, check_destination
 from mlcompress.checkpoint import load_checkpoint
 from mlcompress.device import resolve_device
+from mlcompress.distributed import SINGLE, World, join
 from mlcompress.errors import InputError, MlcompressError, UsageError
 from mlcompress.posterior.file import Posterior, PosteriorTensor, save_posterior
 from mlcompress.posterior.meankl import NATS_PER_BIT
@@ -319,18 +320,30 @@ def fit_posterior(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: Progress | None = None,
+    world: World = SINGLE,
 ) -> FitResult:
     """Train a posterior for ``task`` starting from ``init`` (a state dict of the task's model).
 
     With ``resume`` the state comes from ``checkpoint`` instead (``init`` may then be None) and
     training continues up to ``config.steps``; the settings that shape the posterior must match
     the checkpoint's.
+
+    Data-parallel (``world`` of several processes): every process draws the same batches and
+    weight noise, computes the loss of its contiguous share of each batch (weighted by its
+    share of the examples), and the gradients are summed over the processes before each step,
+    so all hold the same model and the run is one process's up to float round-off, and exactly
+    reproducible given the seed and the number of processes. Process 0 alone evaluates, reads
+    and writes checkpoints (resuming sends the state to the others).
     """
     config.validate()
     dev = resolve_device(device)
     if resume and checkpoint is None:
         raise UsageError("--resume needs a checkpoint path")
-    saved = load_fit_checkpoint(checkpoint) if resume else None
+    saved = None
+    if resume:
+        with world.guard():
+            saved = load_fit_checkpoint(checkpoint) if world.is_main else None
+        saved = world.broadcast(saved)
     if saved is not None:
         if saved["task"] != task.name:
             raise InputError(f"checkpoint {checkpoint} is for task {saved['task']!r}, not {task.name!r}")
@@ -353,8 +366,10 @@ def fit_posterior(
         tied = tyings(config, {n: tuple(params[n].shape) for n in coded_names(config, base) if n in params})
         if not tied:
             raise UsageError("--pretrain-steps trains the tied (hashed) network: it needs --hash")
-        init = pretrain_tied(task, init, tied, steps=config.pretrain_steps, seed=config.seed,
-                             batch_size=config.batch_size, device=dev, progress=progress)
+        with world.guard():  # one process pretrains (GPUs need not agree to the bit); all get it
+            init = pretrain_tied(task, init, tied, steps=config.pretrain_steps, seed=config.seed,
+                                 batch_size=config.batch_size, device=dev, progress=progress) if world.is_main else None
+        init = world.broadcast(init)
 
     model, layout = build_variational(task, init, config, dev)
     optimizer = torch.optim.Adam(model.trainable(), lr=config.lr)
@@ -378,7 +393,7 @@ def fit_posterior(
     batches = _batches(task, batch_size, order, epoch_state, skip)
 
     def save(at_step: int, state: torch.Tensor, index: int) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and world.is_main:
             _save_checkpoint(checkpoint, task=task, config=config, model=model, optimizer=optimizer,
                              step=at_step, noise=noise, epoch_state=state, batch_index=index,
                              history=history)
@@ -387,18 +402,25 @@ def fit_posterior(
         inputs, targets, state, index = next(batches)
         noise_before = noise.get_state()
         dist = model.distribution()
-        outputs = model(inputs.to(dev), dist, generator=noise)
-        task_loss = task.loss(outputs, targets.to(dev))
+        if world.distributed:
+            task_loss = _share_loss(model, task, inputs, targets, dist, noise, dev, world)
+        else:
+            outputs = model(inputs.to(dev), dist, generator=noise)
+            task_loss = task.loss(outputs, targets.to(dev))
         if model.parameterization == MEAN_VAR:
             kl = model.kl_per_block(dist)
         else:  # Mean-KL: KL_b = C_b by construction; computed for the display only
             with torch.no_grad():
                 kl = model.kl_per_block(tuple(t.detach() for t in dist))
-        loss = task_loss + model.q.penalty(kl, num_train)
+        # The KL penalty is the same on every process: its gradient is counted once, on process 0.
+        loss = task_loss + model.q.penalty(kl, num_train) if world.is_main else task_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        value = float(task_loss.detach())
-        bad = not math.isfinite(float(loss.detach())) or any(
+        if world.distributed:
+            value, total = _sum_gradients(world, model.trainable(), task_loss, loss)
+        else:
+            value, total = float(task_loss.detach()), float(loss.detach())
+        bad = not math.isfinite(total) or any(
             p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in model.trainable()
         )
         if bad:
@@ -417,7 +439,7 @@ def fit_posterior(
         model.q.after_step(kl, config.beta_step_at(step))
         step += 1
         recent = (recent + [value])[-100:]
-        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps) and world.is_main:
             test = evaluate_posterior(task, model, dev)
             model.train()
         kl_bits = kl.detach() / NATS_PER_BIT
@@ -428,8 +450,9 @@ def fit_posterior(
         history.append(record)
         periodic = config.checkpoint_every and step % config.checkpoint_every == 0
         if checkpoint is not None and (periodic or step == config.steps):
-            nxt_state, nxt_index = _position_after(task, batch_size, state, index, epoch_length)
-            save(step, nxt_state, nxt_index)
+            with world.guard():  # a failed save on process 0 stops the others too
+                nxt_state, nxt_index = _position_after(task, batch_size, state, index, epoch_length)
+                save(step, nxt_state, nxt_index)
         if progress is not None:
             beta = getattr(model.q, "beta", None)
             status = FitStatus(
@@ -443,6 +466,39 @@ def fit_posterior(
     model.eval()
     return FitResult(model=model, layout=layout, config=config, steps=step,
                      seconds=time.perf_counter() - started, history=history, test=test)
+
+
+def _share_loss(model: VariationalModel, task: Task, inputs: torch.Tensor, targets: torch.Tensor, dist: tuple,
+                noise: torch.Generator, dev: torch.device, world: World) -> torch.Tensor:
+    """This process's part of the batch's mean task loss: the mean over its contiguous rows
+    times their fraction of the batch (the parts sum to the batch mean). A process without rows
+    (more processes than examples) runs one example at weight 0, so its noise stays in step."""
+    size = len(targets)
+    rows = world.share(size)
+    weight = len(rows) / size
+    if not len(rows):
+        rows = range(0, 1)
+    with model.batch_share(size, rows):
+        outputs = model(inputs[rows.start : rows.stop].to(dev), dist, generator=noise)
+    return task.loss(outputs, targets[rows.start : rows.stop].to(dev)) * weight
+
+
+def _sum_gradients(world: World, params: list[torch.Tensor], task_loss: torch.Tensor,
+                   loss: torch.Tensor) -> tuple[float, float]:
+    """Sum the gradients (and the two losses) over the processes in one all-reduce; a gradient
+    no process has stays None, as in one process. Returns the batch's task loss and total loss."""
+    present = [p.grad is not None for p in params]
+    pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in params]
+    flags = torch.tensor([float(f) for f in present] + [float(task_loss.detach()), float(loss.detach())],
+                         dtype=torch.float64, device=pieces[0].device if pieces else None)
+    flat = world.all_reduce_sum(torch.cat(pieces + [flags]))
+    tail = flat[-len(flags):].cpu()
+    offset = 0
+    for i, (p, piece) in enumerate(zip(params, pieces)):
+        summed = flat[offset : offset + piece.numel()]
+        offset += piece.numel()
+        p.grad = summed.view(p.shape).to(p.dtype) if tail[i] > 0 else None
+    return float(tail[-2]), float(tail[-1])
 
 
 def num_train_examples(task: Task, batch_size: int) -> int:
@@ -531,10 +587,23 @@ def fit_to_file(
 
     ``progress`` receives ``Update("fit", step, steps, info={"status": FitStatus})``.
     """
-    check_destination(output, force=force)
-    state = load_checkpoint(init, unsafe_pickle=unsafe_pickle) if init is not None and not resume else None
+    world = join(device)
+    with world.guard():
+        if world.is_main:  # it alone writes
+            check_destination(output, force=force)
+        state = load_checkpoint(init, unsafe_pickle=unsafe_pickle) if init is not None and not resume else None
     result = fit_posterior(task, state, config, device=device, checkpoint=checkpoint, resume=resume,
-                           progress=progress)
+                           progress=progress, world=world)
+    summary = None
+    with world.guard():
+        if world.is_main:
+            summary = _write_fit(result, task, config, output, checkpoint=checkpoint, device=device, force=force)
+    return world.broadcast(summary)
+
+
+def _write_fit(result: FitResult, task: Task, config: FitConfig, output: str | Path, *, checkpoint: Path | None,
+               device: str | torch.device, force: bool) -> dict[str, Any]:
+    """Write the posterior file; the summary ``fit-posterior`` prints."""
     path = save_fit(result, task, output, force=force)
     dev = resolve_device(device)
     test = result.test if result.test is not None else evaluate_posterior(task, result.model, dev)

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from mlcompress.codecs.rec.hashing import Tying
+from mlcompress.errors import InputError
 from mlcompress.posterior.pretrain import project
 from mlcompress.posterior.parameterization import (
     MEAN_KL,
@@ -123,6 +124,7 @@ class VariationalModel(nn.Module):
                 if leaf == "bias" and f"{owner}.weight" in self._lrt:
                     self._lrt_bias[name] = self._lrt[f"{owner}.weight"]
         self._active: dict[nn.Module, tuple] = {}
+        self._share: tuple[int, range] | None = None  # data-parallel: (batch size, this process's rows)
         # Progressive coding: variables already coded are fixed at their decoded values.
         total = int(sum(self.sizes))
         self.register_buffer("fixed_mask", torch.zeros(total, dtype=torch.bool), persistent=True)
@@ -228,6 +230,17 @@ class VariationalModel(nn.Module):
             return functional_call(self.base, overrides, (inputs,))
 
     @contextmanager
+    def batch_share(self, size: int, rows: range) -> Iterator[None]:
+        """Forward passes here see rows ``rows`` of a batch of ``size`` examples: per-example
+        noise is drawn for the whole batch and these rows kept, so a data-parallel process gives
+        its examples the noise one process would, and every process's generator stays in step."""
+        self._share = (size, rows)
+        try:
+            yield
+        finally:
+            self._share = None
+
+    @contextmanager
     def _activated(self, active: dict) -> Iterator[None]:
         self._active = active
         try:
@@ -252,5 +265,14 @@ class VariationalModel(nn.Module):
         if bias_sigma is not None:
             var = var + bias_sigma * bias_sigma
         std = torch.sqrt(var + _VAR_EPS)
-        noise = torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+        if self._share is None:
+            noise = torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+        else:
+            size, rows = self._share
+            if output.shape[0] != len(rows):
+                raise InputError(f"data-parallel fitting needs Linear layers fed [batch, features]; "
+                                 f"{type(module).__name__} got {tuple(x.shape)} for {len(rows)} examples",
+                                 hint="run fit-posterior in one process, or --no-local-reparam")
+            noise = torch.randn((size, *output.shape[1:]), generator=generator, device=output.device,
+                                dtype=output.dtype)[rows.start : rows.stop]
         return output + std * noise
