@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mlcompress.version import __version__
+from mlcompress.codecs import lossless3
 from mlcompress.container import EncodedTensor, encode_tensor
+from mlcompress.format.dtypes import dtype_name
 
 
 def default_output(src: str | os.PathLike, suffix: str = ".mrc") -> Path:
@@ -29,14 +31,21 @@ def base_metadata(src: str | os.PathLike | None, options: Mapping[str, Any]) -> 
     return out
 
 
+def lossless_codec(tensor: Any) -> str:
+    """The lossless codec mlcompress writes for ``tensor``: ``lossless3`` (Huffman-coded exponent
+    and top mantissa bits, docs/lossless.md) for float32, bfloat16 and float16 when its C
+    extension is built, else ``lossless2`` (zstd-coded byte planes, any dtype)."""
+    return "lossless3" if lossless3.NATIVE and dtype_name(tensor.dtype) in lossless3.DTYPES else "lossless2"
+
+
 def smallest_lossless(name: str, tensor: Any, threads: int | None = None) -> EncodedTensor:
-    """``lossless2`` (zstd-coded byte planes) if it is smaller than the raw bytes, else ``raw``.
+    """:func:`lossless_codec`'s payload if it is smaller than the raw bytes, else ``raw``.
 
     ``threads`` is how many threads code the tensor's chunks (default: all cores); the bytes
-    never depend on it. (Files from before ``lossless2`` hold ``lossless`` tensors; they still
-    decode, but nothing writes that codec by default any more: docs/lossless.md.)
+    never depend on it. (Older files hold ``lossless2`` or ``lossless`` tensors; they still
+    decode.)
     """
-    coded = encode_tensor(name, tensor, "lossless2", {"threads": threads})
+    coded = encode_tensor(name, tensor, lossless_codec(tensor), {"threads": threads})
     if len(coded.payload) < tensor.numel() * tensor.element_size():
         return coded
     return encode_tensor(name, tensor, "raw", {})

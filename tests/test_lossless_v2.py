@@ -20,7 +20,7 @@ from bit_patterns import (ALL_DTYPES, FLOAT_DTYPES, INT_DTYPES, SPECIALS, from_b
 from bitexact import assert_bit_exact, assert_same_tensors
 
 from mlcompress import codecs
-from mlcompress.assembly import smallest_lossless
+from mlcompress.assembly import lossless_codec, smallest_lossless
 from mlcompress.checkpoint import load_checkpoint
 from mlcompress.cli import main
 from mlcompress.codecs.lossless2 import CHUNK, MAX_CHUNK, PLANES
@@ -146,7 +146,8 @@ def test_same_file_for_any_thread_count_through_the_api(tmp_path):
         for threads in (1, 2):
             assert_same_tensors(open_mrc(path).tensors(threads=threads), tensors)
     assert files[0] == files[1] == files[2]
-    assert {r.name: r.codec for r in open_mrc(tmp_path / "t1.mrc").records}["big"] == "lossless2"
+    # lossless3 is the default for float tensors when its C extension is built (tests/test_lossless3.py)
+    assert {r.name: r.codec for r in open_mrc(tmp_path / "t1.mrc").records}["big"] == lossless_codec(tensors["big"])
 
 
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
@@ -194,7 +195,11 @@ def test_incompressible_planes_are_stored_raw():
 
 def test_smallest_lossless_picks_lossless2_or_raw():
     g = torch.Generator().manual_seed(2)
-    assert smallest_lossless("w", torch.randn(10_000, generator=g) * 0.05).codec == "lossless2"
+    # float32, bfloat16, float16 get lossless3 when its C extension is built (tests/test_lossless3.py)
+    assert smallest_lossless("w", torch.randn(10_000, generator=g).double() * 0.05).codec == "lossless2"
+    assert smallest_lossless("i", torch.randint(-50, 50, (10_000,), generator=g)).codec == "lossless2"
+    w = torch.randn(10_000, generator=g) * 0.05
+    assert smallest_lossless("w", w).codec == lossless_codec(w)
     assert smallest_lossless("b", torch.randn(3, generator=g)).codec == "raw"
 
 

@@ -14,7 +14,8 @@ A codec is any object with a stable ``name`` (the id written in the ``.mrc`` hea
   :mod:`mlcompress.rec`, and decoding must not import encoder code.
 * ``parallel = True`` -- optional: the codec splits its work into chunks fixed by its format,
   takes a ``threads`` encode option and a ``threads=`` decode keyword, and writes the same
-  bytes for any thread count (``lossless2``). The container passes ``threads`` only to these.
+  bytes for any thread count (``lossless2``, ``lossless3``). The container passes ``threads``
+  only to these.
 
 Codecs depend only on :mod:`mlcompress.format` (and :mod:`mlcompress.workers` for threads);
 adding one means a module here and a :func:`register` call, and the container, checkpoint I/O
@@ -83,10 +84,11 @@ def describe(record: TensorRecord) -> Mapping[str, Any]:
 # The built-in codecs register themselves; they import only mlcompress.format and each other.
 from mlcompress.codecs import lossless as _lossless  # noqa: E402
 from mlcompress.codecs import lossless2 as _lossless2  # noqa: E402
+from mlcompress.codecs import lossless3 as _lossless3_codec  # noqa: E402  (_lossless3 is its C extension)
 from mlcompress.codecs import low_precision as _low_precision  # noqa: E402
 from mlcompress.codecs import quant as _quant  # noqa: E402
 from mlcompress.codecs import raw as _raw  # noqa: E402
 from mlcompress.codecs import rec as _rec  # noqa: E402
 
-for _module in (_raw, _lossless, _lossless2, _low_precision, _quant, _rec):
+for _module in (_raw, _lossless, _lossless2, _lossless3_codec, _low_precision, _quant, _rec):
     register(_module.CODEC)

@@ -9,9 +9,9 @@ value before the cast) because an fp8 infinity or NaN would poison every product
 The record keeps the tensor's *original* dtype, so an ordinary decode hands back a tensor of the
 dtype the model was trained in; ``params`` say the format and nest the record of the payload's
 inner codec. The low-precision bit patterns themselves (fp8 as ``uint8`` bytes) are coded by the
-default lossless codec through the registry's public ``encode``/``decode``, or stored ``raw``
-when that is not smaller: a trained bf16 tensor's exponent byte is very predictable, so the
-file is smaller than the plain cast. The byte layout is docs/format.md, "4.5 float".
+default lossless codec (``lossless3`` for bf16/fp16, ``lossless2`` for fp8 bytes) through the
+codecs' public ``encode``/``decode``, or stored ``raw`` when that is not smaller: a trained bf16
+tensor's exponent byte is very predictable, so the file is smaller than the plain cast. The byte layout is docs/format.md, "4.5 float".
 
 Decoding is specified bit for bit (widening is exact; fp8 values are multiplied by their scale
 in float32), so every decoder reproduces the weights the encoder evaluated.
@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from mlcompress.codecs import lossless, lossless2, raw
+from mlcompress.codecs import lossless, lossless2, lossless3, raw
 from mlcompress.errors import CodecError, MrcFormatError, UsageError
 from mlcompress.format.records import TensorRecord
 from mlcompress.format.dtypes import torch_dtype
@@ -60,10 +60,16 @@ FORMATS: dict[str, FloatFormat] = {
     )
 }
 #: The bit-exact codecs the rounded bit patterns may be stored with, by their record names.
-#: The encoder writes the first unless the raw bytes are no larger; ``lossless`` is read for files
-#: written before ``lossless2`` existed. (Imported, not looked up in the registry: the registry
-#: imports this module.)
-INNER_CODECS = {lossless2.CODEC.name: lossless2.CODEC, lossless.CODEC.name: lossless.CODEC, raw.CODEC.name: raw.CODEC}
+#: The encoder writes ``lossless3`` for bf16/fp16 patterns when its C extension is built and
+#: ``lossless2`` otherwise (fp8 bytes, or no extension), unless the raw bytes are no larger;
+#: ``lossless`` is read for files written before ``lossless2`` existed. (Imported, not looked up
+#: in the registry: the registry imports this module.)
+INNER_CODECS = {codec.name: codec for codec in (lossless3.CODEC, lossless2.CODEC, lossless.CODEC, raw.CODEC)}
+
+
+def _inner_codec(storage: str) -> str:
+    """The codec the encoder stores bit patterns of dtype ``storage`` with (raw aside)."""
+    return lossless3.CODEC.name if lossless3.NATIVE and storage in lossless3.DTYPES else lossless2.CODEC.name
 
 
 def float_format(name: str) -> FloatFormat:
@@ -174,7 +180,7 @@ class LowPrecisionCodec:
                              hint=f"it converts {', '.join(fmt.sources)}")
         converted = convert(tensor, fmt, per_channel=bool(options.get("per_channel", False)))
         stored = _bit_patterns(converted.values, fmt).contiguous()
-        inner = next(iter(INNER_CODECS))
+        inner = _inner_codec(fmt.storage)
         payload, inner_params = INNER_CODECS[inner].encode(stored, {})
         if len(payload) >= stored.numel() * stored.element_size():
             inner = raw.CODEC.name

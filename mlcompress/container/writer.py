@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from mlcompress import codecs
 from mlcompress.atomic import atomic_output, check_destination
+from mlcompress.codecs.lossless3 import crc32
 from mlcompress.errors import InputError
 from mlcompress.format.dtypes import dtype_name
 from mlcompress.format.header import MAGIC, PREAMBLE, VERSION, Unit, lay_out
@@ -39,7 +40,7 @@ def _records(entries: list[Entry]) -> list[TensorRecord]:
             records.append(TensorRecord(entry.name, (), "", alias_of=entry.target))
         else:
             records.append(TensorRecord(entry.name, tuple(int(s) for s in entry.shape), entry.dtype, entry.codec,
-                                        dict(entry.params), length=len(entry.payload), crc32=zlib.crc32(entry.payload)))
+                                        dict(entry.params), length=len(entry.payload), crc32=crc32(entry.payload)))
     return records
 
 
@@ -73,7 +74,7 @@ def _payload_units(records: list[TensorRecord], payloads: Mapping[str, bytes]) -
     for unit in units:
         if isinstance(unit, GroupRecord):
             data[id(unit)] = b"".join(payloads[m.name] for m in unit.members)
-            unit.crc32 = zlib.crc32(data[id(unit)])
+            unit.crc32 = crc32(data[id(unit)])
             for member in unit.members:
                 member.crc32 = None
         elif unit.alias_of is None:
