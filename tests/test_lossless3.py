@@ -190,13 +190,20 @@ def record(t: torch.Tensor, params: dict, length: int, name: str = "w") -> Tenso
 
 
 def decode(payload: bytes, rec: TensorRecord, threads: int = 1, reference: bool = False) -> torch.Tensor:
-    """Decode with the C kernels, or with the numpy reference reader when ``reference``."""
+    """Decode with the C kernels (AVX2 where the CPU has it, and then scalar too, which must give
+    the same), or with the numpy reference reader when ``reference``."""
     saved = lossless3._native
     if reference:
         lossless3._native = None
     try:
         CODEC.check(rec)
-        return CODEC.decode(payload, rec, threads=threads)
+        out = CODEC.decode(payload, rec, threads=threads)
+        if not reference and saved.simd(False):
+            try:
+                assert_bit_exact(CODEC.decode(payload, rec, threads=threads), out)
+            finally:
+                saved.simd(True)
+        return out
     finally:
         lossless3._native = saved
 
