@@ -144,7 +144,7 @@ def decode(source: str | os.PathLike | bytes, *, device: str = "cpu", keep_dtype
     The bits never depend on the device (``auto``, ``cpu`` or ``cuda``). ``keep_dtype`` leaves
     tensors converted by ``Float`` in their low-precision format (fp8 ones with a float32
     ``<name>_scale`` beside them, docs/quantize.md) instead of the dtype they were encoded from.
-    ``threads`` (default: all cores) decode a ``lossless2`` tensor's chunks in parallel.
+    ``threads`` (default: all cores) decode a ``lossless3``/``lossless2`` tensor's chunks in parallel.
     """
     return _decoded(open_mrc(source), device, keep_dtype, threads)
 

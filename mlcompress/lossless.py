@@ -1,9 +1,11 @@
 """The lossless method: every tensor of a checkpoint, bit-exactly, in a ``.mrc``.
 
-Each tensor is stored with the ``lossless2`` codec (zstd-coded byte planes, chunked so threads
-share the work) unless its bytes as they are would be no larger (tiny tensors, where the
-length table and frame headers cost more than they save), then ``raw``. Tied tensors are
-stored once.
+Each tensor is stored with the codec :func:`mlcompress.assembly.lossless_codec` picks --
+``lossless3`` (a Huffman-coded exponent symbol and raw bits, docs/lossless.md) for float32,
+bfloat16 and float16 when its C extension is built, else ``lossless2`` (zstd-coded byte
+planes); both are chunked so threads share the work -- unless its bytes as they are would be no
+larger (tiny tensors, where the tables cost more than they save), then ``raw``. Tied tensors
+are stored once.
 """
 
 from __future__ import annotations

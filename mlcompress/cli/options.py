@@ -13,7 +13,7 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file if it exists.")]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file.", dir_okay=False)]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
-Threads = Annotated[Optional[int], typer.Option("--threads", help="Threads for lossless (lossless2) coding, default: all cores. The bytes written never depend on it.", show_default=False)]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="Threads for lossless (lossless3, lossless2) coding, default: all cores. The bytes written never depend on it.", show_default=False)]
 UnsafePickle = Annotated[
     bool,
     typer.Option(

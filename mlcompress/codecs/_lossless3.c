@@ -2,7 +2,7 @@
  *
  * Why C: lossless3 Huffman-codes a 10-bit symbol (the float's exponent and top mantissa bits)
  * per element and bit-packs the rest. Bit-level work like that costs tens of nanoseconds an
- * element in numpy; here it is a few. Everything a chunk needs is done in one call that holds
+ * element in numpy; here it is about one. Everything a chunk needs is done in one call that holds
  * no Python object and runs with the GIL released, so mlcompress.workers threads decode or
  * encode chunks in parallel.
  *

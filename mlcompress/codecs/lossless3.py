@@ -3,26 +3,26 @@
 Why (figures in docs/lossless.md): ``lossless2`` puts the exponent in a byte of its own and lets
 zstd Huffman-code it, which lands at ZipNN's ratio but not above, and its numpy reassembly of
 byte planes cannot reach ZipNN's decode speed. The exponent and the top mantissa bits depend on
-each other, so coding them as one symbol saves about 0.08 bits per weight, and bit-level work
+each other, so coding them as one symbol saves about 0.06 bits per weight, and bit-level work
 that numpy does in whole-array passes is a single pass in C. For float32, bfloat16 and float16:
 
 * the top 16 bits of each value are rotated left by one, as in ``lossless2``; the top ``S``
-  bits of the result (``params["symbol_bits"]``, 10 by default: the exponent and two mantissa
-  bits) are the element's *symbol*, the bits below it its *tail*;
+  bits of the result (``params["symbol_bits"]``: 10, the exponent and two mantissa bits, for
+  float32 and bfloat16; 8 for float16) are the element's *symbol*, the bits below its *tail*;
 * per chunk, the symbols are coded with a canonical Huffman code of at most 12 bits (built for
-  that chunk, its code lengths stored in the chunk), split over four interleaved bitstreams so
-  a decoder works on four independent dependency chains; the tails are bit-packed as they are,
-  less the low bits that are zero in every element of the chunk (a float32 tensor holding
-  bfloat16 values drops 16 bits an element);
+  that chunk, its code lengths stored in the chunk), split over 8 interleaved bitstreams so a
+  decoder follows 8 independent chains of look-ups; of the tails only the bits that differ
+  between the chunk's elements are packed, the others stored once (a float32 tensor holding
+  bfloat16 values stores 6 bits an element, a constant tensor none);
 * a chunk with a single symbol stores no Huffman part at all, and a chunk that would not be
   smaller than its raw bytes is stored raw.
 
 Chunks are coded independently, so threads share them and the bytes never depend on how many
 threads there were. The hot loops are the C extension :mod:`mlcompress.codecs._lossless3`
 (built by ``pip install``; optional). Without it, ``lossless3`` files still decode with the
-numpy reader below (about 100x slower; it is also the reference the C decoder is tested
-against) and :func:`mlcompress.assembly.smallest_lossless` writes ``lossless2`` instead. The
-byte layout is docs/format.md §4.7.
+numpy reader below (about 10 MB/s, a hundred times slower; it is also the reference the C
+decoder is tested against) and :func:`mlcompress.assembly.smallest_lossless` writes
+``lossless2`` instead. The byte layout is docs/format.md §4.7.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def encode_tensor(name: str, tensor: Any, codec_name: str, options: Mapping[str,
     tensor = tensor.detach().to("cpu").contiguous()
     dtype = dtype_name(tensor.dtype)
     payload, params = codecs.encoder(codec_name).encode(tensor, options)
-    # A memoryview (of bytes) is kept as it is: lossless2 hands one over a numpy buffer, and
+    # A memoryview (of bytes) is kept as it is: lossless2/3 hand one over a numpy buffer, and
     # copying a large payload into a fresh bytes object costs page faults for nothing.
     if not isinstance(payload, memoryview):
         payload = bytes(payload)
