@@ -27,7 +27,7 @@ from mlcompress.progress import Progress, report
 from mlcompress.rec.encoder import score_coefficients, select_candidates, selection_plan
 
 __all__ = ["RecItem", "rec_params", "posterior_item", "coefficient_matrix", "choose_indices", "item_payloads",
-           "encode_items"]
+           "encode_items", "block_share", "overlapping"]
 
 
 @dataclass
@@ -136,6 +136,23 @@ def choose_indices(
                              progress=shown)
 
 
+def block_share(layouts: list[BlockLayout], bits: int, world: World) -> range:
+    """The blocks (numbered over all tensors in order) whose indices process ``world.rank``
+    chooses: a contiguous run of whole groups of the size one process uses."""
+    total = sum(layout.num_blocks for layout in layouts)
+    group, _ = selection_plan(total, max(layout.max_block_size for layout in layouts), bits)
+    return world.share(total, unit=group)
+
+
+def overlapping(layouts: list[BlockLayout], blocks: range) -> list[bool]:
+    """Which tensors have a block in ``blocks`` (numbered over all tensors in order)."""
+    out, start = [], 0
+    for layout in layouts:
+        out.append(max(start, blocks.start) < min(start + layout.num_blocks, blocks.stop))
+        start += layout.num_blocks
+    return out
+
+
 def _sharded_indices(items: list[RecItem], width: int, *, bits: int, seed: int, selection: str,
                      device: torch.device | str, progress: Callable[[float, int], None],
                      world: World) -> torch.Tensor | None:
@@ -143,7 +160,7 @@ def _sharded_indices(items: list[RecItem], width: int, *, bits: int, seed: int, 
     all indices on process 0 (as int32 on the wire: an index has at most 24 bits)."""
     total = sum(it.layout.num_blocks for it in items)
     group, chunk = selection_plan(total, width, bits)
-    share = world.share(total, unit=group)
+    share = block_share([it.layout for it in items], bits, world)
     with world.guard():
         local = torch.zeros(0, dtype=torch.int64)
         if len(share):

@@ -34,15 +34,15 @@ from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_BLOCK, blocks_for_bud
                                           is_rec_candidate)
 from mlcompress.container import Alias, EncodedTensor, file_size, open_mrc, shared_storage_aliases, write_encoded
 from mlcompress.device import resolve_device
-from mlcompress.distributed import join
+from mlcompress.distributed import SINGLE, World, join
 from mlcompress.errors import InputError, UsageError
 from mlcompress.format.dtypes import dtype_name
 from mlcompress.options import Rec
-from mlcompress.posterior.datafree import datafree_posterior
+from mlcompress.posterior.datafree import datafree_posterior, default_prior_std
 from mlcompress.posterior.file import Posterior, is_posterior_file, load_posterior
 from mlcompress.posterior.meankl import NATS_PER_BIT
 from mlcompress.progress import Progress
-from mlcompress.rec.blocks import RecItem, choose_indices, item_payloads, posterior_item
+from mlcompress.rec.blocks import RecItem, block_share, choose_indices, item_payloads, overlapping, posterior_item
 from mlcompress.rec.progressive import progressive_indices
 from mlcompress.tasks import get_task
 from mlcompress.report import Report
@@ -94,7 +94,7 @@ def encode_rec(
     with world.guard():  # reading and checking the source may fail on one process only
         device = resolve_device(options.device)
         job = _prepare(src, dst, options, force=force, unsafe_pickle=unsafe_pickle, tensors=tensors,
-                       posterior=posterior, distributed=world.distributed, main=world.is_main)
+                       posterior=posterior, world=world)
     progressive: dict[str, Any] = {}
     state_path = job.dst.with_name(job.dst.name + ".progress")
     if options.progressive:
@@ -105,6 +105,7 @@ def encode_rec(
     else:
         indices = choose_indices(job.items, bits=job.bits, seed=options.seed, selection=options.selection,
                                  device=device, progress=progress, world=world)
+        _complete_block_kl(job.items, job.bits, world)
     report: Report | None = None
     with world.guard():  # process 0 writes; the others wait to hear that it did
         if world.is_main:
@@ -132,16 +133,16 @@ class _Job:
 
 def _prepare(src: str | os.PathLike, dst: str | os.PathLike | None, options: Rec, *, force: bool,
              unsafe_pickle: bool, tensors: Mapping[str, torch.Tensor] | None, posterior: Posterior | None,
-             distributed: bool, main: bool) -> _Job:
+             world: World) -> _Job:
     """Read the source, choose the REC tensors and their block counts: everything before the
     indices. Only process 0 checks the destination (it alone writes; other machines may not
     even have its directory)."""
     dst = Path(dst) if dst is not None else default_output(src)
-    if main:
+    if world.is_main:
         check_destination(dst, force=force)
     if posterior is None and tensors is None and Path(src).is_file() and is_posterior_file(src):
         posterior = load_posterior(src)
-    if options.progressive and distributed:
+    if options.progressive and world.distributed:
         raise UsageError("progressive REC (--task) retrains between groups and runs in one process",
                          hint="launch it without torchrun")
     if options.progressive and posterior is None:
@@ -187,7 +188,7 @@ def _prepare(src: str | os.PathLike, dst: str | os.PathLike | None, options: Rec
     if posterior is not None:
         items = [posterior_item(n, pt, posterior.layout_seed) for n, pt in posterior.tensors.items()]
     else:
-        items = _datafree_items(tensors, rec_names, bits, options, list(others.values()), metadata)
+        items = _datafree_items(tensors, rec_names, bits, options, list(others.values()), metadata, world)
     return _Job(dst, bits, items, order, aliases, others, metadata, posterior)
 
 
@@ -222,7 +223,7 @@ def _write(job: _Job, indices: torch.Tensor, options: Rec, *, force: bool, devic
 
 
 def _datafree_items(tensors: Mapping[str, torch.Tensor], rec_names: list[str], bits: int, options: Rec,
-                    others: list[EncodedTensor], metadata: dict) -> list[RecItem]:
+                    others: list[EncodedTensor], metadata: dict, world: World = SINGLE) -> list[RecItem]:
     """Data-free posteriors around the weights, with block counts from the run's budget."""
     numels = {n: tensors[n].numel() for n in rec_names}
     total = sum(numels.values())
@@ -241,10 +242,31 @@ def _datafree_items(tensors: Mapping[str, torch.Tensor], rec_names: list[str], b
     else:
         bpw, floor = options.budget_bits_per_weight, False
     seed = _layout_seed(options)
+    layouts = [BlockLayout(numels[n], blocks_for_budget(numels[n], bpw, bits, n, floor=floor), seed)
+               for n in rec_names]
+    # Sharded: a process builds the posteriors of the tensors its blocks fall in (whole tensors,
+    # so every value has the bits one process gives it); the others get only their prior.
+    wanted = overlapping(layouts, block_share(layouts, bits, world))
     items = []
-    for n in rec_names:
-        layout = BlockLayout(numels[n], blocks_for_budget(numels[n], bpw, bits, n, floor=floor), seed)
-        mean, std, rho, kl = datafree_posterior(tensors[n], layout, bits)
+    for n, layout, own in zip(rec_names, layouts, wanted):
+        if own:
+            mean, std, rho, kl = datafree_posterior(tensors[n], layout, bits)
+        else:
+            mean = std = kl = torch.zeros(0)
+            rho = default_prior_std(tensors[n])
         items.append(RecItem(n, tuple(tensors[n].shape), dtype_name(tensors[n].dtype), mean.reshape(-1),
                              std.reshape(-1), 0.0, compact_prior(rho), layout, kl))
     return items
+
+
+def _complete_block_kl(items: list[RecItem], bits: int, world: World) -> None:
+    """Process 0 of a sharded data-free encode lacks the posteriors of the tensors outside its
+    share: the processes that built them send their block KL (for the report)."""
+    if not world.distributed:
+        return
+    layouts = [it.layout for it in items]
+    lacking = [not own for own in overlapping(layouts, block_share(layouts, bits, World(0, world.size)))]
+    mine = {i: it.kl_blocks for i, it in enumerate(items) if lacking[i] and it.kl_blocks.numel()}
+    for part in world.gather(mine) or []:
+        for i, kl in part.items():
+            items[i].kl_blocks = kl
