@@ -72,7 +72,7 @@ def diverge(
     with out.tracker() as progress:
         result = api.diverge(ref, cmp, progress=progress, **settings)
     report = result.report
-    if plot is not None:
+    if plot is not None and main_process():  # under torchrun the per-token values are process 0's
         if "kl" not in result.per_token:
             raise UsageError("--plot draws per-position KL, which --mode sample/exact do not produce")
         from mlcompress.divergence.plot import plot_kl_histogram

@@ -401,21 +401,22 @@ def fit_posterior(
     while step < config.steps:
         inputs, targets, state, index = next(batches)
         noise_before = noise.get_state()
-        dist = model.distribution()
-        if world.distributed:
-            task_loss = _share_loss(model, task, inputs, targets, dist, noise, dev, world)
-        else:
-            outputs = model(inputs.to(dev), dist, generator=noise)
-            task_loss = task.loss(outputs, targets.to(dev))
-        if model.parameterization == MEAN_VAR:
-            kl = model.kl_per_block(dist)
-        else:  # Mean-KL: KL_b = C_b by construction; computed for the display only
-            with torch.no_grad():
-                kl = model.kl_per_block(tuple(t.detach() for t in dist))
-        # The KL penalty is the same on every process: its gradient is counted once, on process 0.
-        loss = task_loss + model.q.penalty(kl, num_train) if world.is_main else task_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with world.guard():  # data-parallel: a failure in one process's share stops all, one line each
+            dist = model.distribution()
+            if world.distributed:
+                task_loss = _share_loss(model, task, inputs, targets, dist, noise, dev, world)
+            else:
+                outputs = model(inputs.to(dev), dist, generator=noise)
+                task_loss = task.loss(outputs, targets.to(dev))
+            if model.parameterization == MEAN_VAR:
+                kl = model.kl_per_block(dist)
+            else:  # Mean-KL: KL_b = C_b by construction; computed for the display only
+                with torch.no_grad():
+                    kl = model.kl_per_block(tuple(t.detach() for t in dist))
+            # The KL penalty is the same on every process: its gradient is counted once, on process 0.
+            loss = task_loss + model.q.penalty(kl, num_train) if world.is_main else task_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if world.distributed:
             value, total = _sum_gradients(world, model.trainable(), task_loss, loss)
         else:
