@@ -108,13 +108,17 @@ class Lossless3Codec:
         # buffers with huge pages (docs/lossless.md, "numpy costs").
         head = 4 * count
         out = np.empty(head + count + n * size, dtype=np.uint8)
+        if count == 1:  # most tensors: no per-chunk bookkeeping (it showed on small ones)
+            length = _native.encode_chunk(flat, size, bits, out[4:])
+            struct.pack_into("<I", out, 0, length)
+            return memoryview(out[:4 + length]), params
 
         def encode_chunk(k: int) -> int:
             start, stop = k * chunk, min(n, (k + 1) * chunk)
             slot = head + k + start * size
             return _native.encode_chunk(flat[start * size:stop * size], size, bits, out[slot:slot + 1 + (stop - start) * size])
 
-        lengths = [encode_chunk(0)] if count == 1 else map_ordered(encode_chunk, range(count), resolve_threads(threads))
+        lengths = map_ordered(encode_chunk, range(count), resolve_threads(threads))
         pos = head
         for k, length in enumerate(lengths):
             slot = head + k + k * chunk * size
