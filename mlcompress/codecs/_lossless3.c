@@ -509,7 +509,7 @@ done:
  * ============================================================================================== */
 
 /* A Huffman stream, its position counted in bits from the start of the chunk (one base
- * pointer and one bound for all four streams keep the decoding loop in registers). */
+ * pointer and one bound for all the streams keep the decoding loop in registers). */
 typedef struct {
     uint64_t pos;    /* the next bit to read */
     uint64_t start;  /* the stream's first byte, counted from the chunk's start */
