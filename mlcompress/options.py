@@ -25,7 +25,7 @@ from mlcompress.errors import UsageError
 #: The fixed-width grid's default bit width.
 DEFAULT_BITS = 8
 #: How ``--step``/``--target-ratio`` spread steps over tensors (mlcompress/quant/rate.py).
-ALLOCATIONS = ("norm", "equal")
+ALLOCATIONS = ("auto", "norm", "equal")
 
 
 def _positive(value: float | None, flag: str) -> None:
@@ -35,7 +35,8 @@ def _positive(value: float | None, flag: str) -> None:
 
 @dataclass(frozen=True)
 class Lossless:
-    """Every tensor bit-exactly: byte planes coded by zstd (``lossless2``), or raw bytes when smaller."""
+    """Every tensor bit-exactly: floats as Huffman-coded top bits (``lossless3``), other dtypes as
+    zstd-coded byte planes (``lossless2``), or raw bytes when smaller."""
 
     name = "lossless"
 
@@ -141,7 +142,7 @@ class Quant:
     group_size: int | None = None
     step: float | None = None
     target_ratio: float | None = None
-    allocation: str = "norm"
+    allocation: str = "auto"
     rdo_lambda: float = DEFAULT_LAMBDA
     task: str | None = None  # optional: report the task's metric before and after
     data: str | None = None

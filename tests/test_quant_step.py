@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from mlcompress.codecs.quant import CODEC
-from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA, rdo_round
+from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA, HIGH_RATE_LAMBDA, rdo_round
 from mlcompress.codecs.quant.step import (CODES_PER_OCTAVE, MAX_CODE, MIN_CODE, code_for, estimated_payload_bytes,
                                           step_quantize, steps_of)
 from mlcompress.errors import InputError, MrcFormatError, UsageError
 from mlcompress.format.records import TensorRecord
 from mlcompress.quant.plan import write_plan
-from mlcompress.quant.rate import search_step, step_factors, step_plan
+from mlcompress.quant.rate import resolve_allocation, search_step, step_factors, step_plan
 
 
 def _laplace(shape, scale=0.05, seed=0):
@@ -64,11 +64,18 @@ def test_rdo_gives_lower_distortion_than_nearest_at_equal_coded_size(bits_per_we
     x = _laplace((200, 300))
     budget = bits_per_weight * x.numel()
     mse = {}
-    for lam in (0.0, DEFAULT_LAMBDA):
+    for lam in (0.0, HIGH_RATE_LAMBDA):
         step = _step_for_bits(x, budget, lam)
         assert _coded_bits(x, step, lam) <= budget
         mse[lam] = float(((step_quantize(x, step, lam=lam).dequantize() - x) ** 2).mean())
-    assert mse[DEFAULT_LAMBDA] < 0.95 * mse[0.0]
+    assert mse[HIGH_RATE_LAMBDA] < 0.95 * mse[0.0]
+
+
+def test_default_rounding_is_nearest():
+    # The measured default (docs/quantize.md): RDO is opt-in with --rdo-lambda.
+    x = _laplace((50, 40), seed=5)
+    assert DEFAULT_LAMBDA == 0.0
+    assert torch.equal(step_quantize(x, 0.05).dequantize(), step_quantize(x, 0.05, lam=0.0).dequantize())
 
 
 def test_codec_round_trip_is_the_evaluated_reconstruction():
@@ -119,6 +126,24 @@ def test_norm_allocation_scales_steps_with_the_frobenius_norm():
     assert plan["bias"] == ("lossless", {}) and plan["small"][1]["step"] == pytest.approx(0.1 * expect)
     with pytest.raises(UsageError):
         step_factors(tensors, "bogus")
+
+
+def test_auto_allocation_is_equal_for_normalized_transformers_and_norm_otherwise():
+    w = torch.ones(8, 8)
+    gpt2 = {"transformer.wte.weight": w, "transformer.h.0.ln_1.weight": torch.ones(8),
+            "transformer.h.0.attn.c_attn.weight": w}
+    llama = {"model.embed_tokens.weight": w, "model.layers.0.input_layernorm.weight": torch.ones(8),
+             "model.norm.weight": torch.ones(8), "lm_head.weight": w}
+    bert = {"embeddings.LayerNorm.weight": torch.ones(8), "encoder.layer.0.attention.self.query.weight": w}
+    lenet = {"conv1.weight": torch.ones(6, 1, 5, 5), "conv1.bias": torch.ones(6), "fc1.weight": w}
+    resnet = {"conv1.weight": torch.ones(8, 3, 3, 3), "bn1.weight": torch.ones(8), "bn1.running_mean": torch.zeros(8),
+              "layer1.0.norm.weight": torch.ones(8), "fc.weight": w}  # BatchNorm: output scale divided out
+    assert [resolve_allocation(t, "auto") for t in (gpt2, llama, bert)] == ["equal"] * 3
+    assert [resolve_allocation(t, "auto") for t in (lenet, resnet)] == ["norm"] * 2
+    assert resolve_allocation(gpt2, "norm") == "norm" and resolve_allocation(lenet, "equal") == "equal"
+    assert step_factors(gpt2, "auto") == step_factors(gpt2, "equal")
+    with pytest.raises(UsageError):
+        resolve_allocation(lenet, "bogus")
 
 
 @pytest.mark.parametrize("ratio", [6.0, 12.0, 25.0])

@@ -19,6 +19,7 @@ atomically. The reported sizes are read back from the written file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -40,7 +41,7 @@ from mlcompress.options import L2, Float, Quant
 from mlcompress.progress import Progress
 from mlcompress.quant.calibrate import L2Config, l2_compress
 from mlcompress.quant.low_precision import dequantize_float, float_plan
-from mlcompress.quant.rate import search_step, step_plan
+from mlcompress.quant.rate import resolve_allocation, search_step, step_plan
 from mlcompress.quant.plan import LOSSY_CODECS, FileSize, Plan, uniform_plan, write_plan
 from mlcompress.report import Report
 from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
@@ -126,7 +127,7 @@ def quantize_checkpoint(
     data: str | os.PathLike | None = None,
     target_ratio: float | None = None,
     step: float | None = None,
-    allocation: str = "norm",
+    allocation: str = "auto",
     rdo_lambda: float = DEFAULT_LAMBDA,
     calib_samples: int = 1000,
     kernel: str = "cos",
@@ -169,6 +170,8 @@ def quantize_checkpoint(
     before = _evaluate(task_obj, tensors, dev) if task_obj is not None else None
 
     if method == "uniform" and quant.entropy_constrained:
+        # ``auto`` is resolved here, once, so the header and the report name the rule that ran.
+        quant = dataclasses.replace(quant, allocation=resolve_allocation(tensors, quant.allocation))
         def trial_metadata(trial_step: float) -> dict[str, Any]:
             # The header of the file being sized: the real one but for metric_after, which is
             # not known yet (metric_before stands in: a number of the same kind).

@@ -6,7 +6,7 @@ How the steps of the tensors relate (``allocation``):
   this is the optimal allocation (at high rate each weight's error is ``step**2/12`` whatever
   its tensor, and a finer step costs every weight the same ``-log2`` bits; equal slopes mean
   equal steps). It is NNC's single quantization parameter.
-* ``norm`` (default): each tensor's step is proportional to its Frobenius norm
+* ``norm``: each tensor's step is proportional to its Frobenius norm
   ``||W|| = rms * sqrt(numel)``. This minimises the summed *relative* output error of the layers,
   ``sum_l step_l**2 / rms_l**2``, at a given total rate ``sum_l numel_l * log2(1/step_l)``: the
   Lagrangian gives ``step_l**2 ∝ numel_l * rms_l**2``. Every layer's output noise counts the
@@ -14,6 +14,16 @@ How the steps of the tensors relate (``allocation``):
   steps that cost few bytes, and the big layers that hold the bytes get coarse ones. Measured
   on two LeNet-5s at 25x: +0.53/+0.36 points against +2.13/+0.87 for ``equal``
   (docs/quantize.md).
+
+* ``auto`` (default): ``equal`` for a network whose layers read a normalized residual stream
+  (a transformer: it has LayerNorm/RMSNorm parameters and no BatchNorm running statistics),
+  ``norm`` otherwise. Why: ``norm`` counts each layer's error relative to that layer's own
+  output, which is what reaches the output of a plain chain of layers (a CNN, an MLP; with
+  BatchNorm the output scale of a layer is divided out, which is relative error again). In a
+  pre-normalized transformer every layer reads unit-scale inputs and adds its output into one
+  shared stream, so what reaches the logits is each layer's *absolute* error, the same per
+  weight whatever the layer: the squared-error optimum, ``equal``. Measured on two GPT-2s and
+  two LeNet-5s each way in docs/quantize.md.
 
 ``--step S`` gives the step of the tensor with the largest norm (every tensor's with
 ``equal``); ``--target-ratio R`` searches it.
@@ -29,6 +39,7 @@ closest. The reported ratio is always the written file's.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Mapping
 
 import torch
@@ -51,9 +62,26 @@ def check_allocation(allocation: str) -> None:
         raise UsageError(f"unknown step allocation {allocation!r}", hint=f"use one of: {', '.join(ALLOCATIONS)}")
 
 
-def step_factors(tensors: Mapping[str, torch.Tensor], allocation: str = "norm") -> dict[str, float]:
-    """Each quantizable tensor's step relative to the given ``--step`` (the largest is 1)."""
+#: Parameter names of normalization layers that scale a layer's *input* (LayerNorm, RMSNorm and
+#: their usual spellings: GPT-2's ``ln_1``/``ln_f``, BERT's ``LayerNorm``, Llama's
+#: ``input_layernorm``/``post_attention_layernorm``/``norm``).
+_NORM_NAME = re.compile(r"(^|\.)(ln(_\w+)?|\w*layer_?norm\w*|\w*_norm|norm\d*|rms_?norm\w*)\.weight$", re.IGNORECASE)
+
+
+def resolve_allocation(tensors: Mapping[str, torch.Tensor], allocation: str) -> str:
+    """The concrete allocation ``auto`` stands for on these tensors (others unchanged)."""
     check_allocation(allocation)
+    if allocation != "auto":
+        return allocation
+    names = list(tensors)
+    has_batchnorm = any(n.endswith(".running_mean") for n in names)
+    has_norm = any(_NORM_NAME.search(n) and tensors[n].dim() == 1 for n in names)
+    return "equal" if has_norm and not has_batchnorm else "norm"
+
+
+def step_factors(tensors: Mapping[str, torch.Tensor], allocation: str = "auto") -> dict[str, float]:
+    """Each quantizable tensor's step relative to the given ``--step`` (the largest is 1)."""
+    allocation = resolve_allocation(tensors, allocation)
     names = [n for n, t in tensors.items() if is_quantizable(t)]
     if allocation == "equal":
         return {n: 1.0 for n in names}
@@ -62,7 +90,7 @@ def step_factors(tensors: Mapping[str, torch.Tensor], allocation: str = "norm") 
     return {n: (v / top if v > 0 and top > 0 else 1.0) for n, v in norms.items()}
 
 
-def step_plan(tensors: Mapping[str, torch.Tensor], step: float, *, allocation: str = "norm",
+def step_plan(tensors: Mapping[str, torch.Tensor], step: float, *, allocation: str = "auto",
               per_channel: bool = False, group_size: int | None = None, lam: float = DEFAULT_LAMBDA,
               factors: Mapping[str, float] | None = None) -> Plan:
     """``quant`` with the ``step`` scheme for quantizable tensors, ``lossless`` for the rest."""
@@ -84,7 +112,7 @@ def search_step(
     target_ratio: float,
     measure: Callable[[Plan], FileSize],
     *,
-    allocation: str = "norm",
+    allocation: str = "auto",
     per_channel: bool = False,
     group_size: int | None = None,
     lam: float = DEFAULT_LAMBDA,
