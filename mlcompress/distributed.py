@@ -1,6 +1,6 @@
 """Scaling out over ``torch.distributed``: one process per core group or GPU, launched by torchrun.
 
-``torchrun --nproc-per-node N -m mlcompress diverge|encode|fit-posterior ...`` starts N copies of
+``torchrun --nproc-per-node N -m mlcompress diverge|encode|fit-posterior|quantize ...`` starts N copies of
 the command. Each finds out here who it is (:func:`join`: rank, world size, local rank from
 torchrun's environment), works on its contiguous share of the items (:meth:`World.share`),
 and hands its results to process 0 (:meth:`World.gather`), which alone writes files and prints.
@@ -76,7 +76,8 @@ def refuse_if_launched(what: str) -> None:
     and N copies of it would only race on its output."""
     if launched():
         raise UsageError(f"{what} runs in one process, not under torchrun",
-                         hint="launch it without torchrun; encode (REC), diverge and fit-posterior scale out")
+                         hint="launch it without torchrun; encode (REC), diverge, fit-posterior and "
+                              "quantize --method l2 scale out")
 
 
 def _env_int(name: str, default: int) -> int:

@@ -23,6 +23,17 @@ What happens, and why:
 6. After the last round the final levels are computed once, the hard way (float64, the codec's
    rule); if the real file misses the target, e and s are widened together by the smallest common
    factor (bisection) that meets it. The accuracy reported is that of exactly these weights.
+
+Data-parallel (``world`` of several processes, ``torchrun ... quantize --method l2``): every
+process draws the same calibration batches and rate-estimate samples (the same seeded
+generator), computes the distillation loss of its contiguous share of each batch's examples
+(summed, divided by the whole batch's size, so the shares add up to the batch mean), and the
+gradients are summed over the processes in one all-reduce per step. The rate term does not
+depend on the examples, so it is counted once (process 0's). All processes then take the same
+optimiser step and hold the same state, so the file measurements and the final widening, which
+every process repeats, agree without communication. Why: the result is one process's up to
+float round-off (the sum of share losses and the float64 gradient sum round differently), and
+exactly reproducible given the seed and the number of processes.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from mlcompress.distributed import SINGLE, World
 from mlcompress.errors import InputError, UsageError
 from mlcompress.progress import Progress, report
 from mlcompress.codecs.quant import l2
@@ -118,6 +130,33 @@ def _kd_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tens
     )
 
 
+def _kd_share_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, batch: int) -> torch.Tensor:
+    """This process's part of the batch's mean KL: its examples' summed KL over the whole batch's
+    size, so the parts of all processes add up to :func:`_kd_loss` of the batch."""
+    return F.kl_div(
+        F.log_softmax(student_out, dim=-1), F.log_softmax(teacher_out, dim=-1), log_target=True,
+        reduction="sum",
+    ) / batch
+
+
+def _all_reduce_grads(world: World, params: list[torch.Tensor], values: list[float]) -> list[float]:
+    """Sum the gradients of ``params`` and the scalars ``values`` over the processes, in float64
+    and one all-reduce (one message per step, whatever the number of tensors). A gradient no
+    process has stays None, as in one process; a process without one adds zeros."""
+    grads = [p.grad.reshape(-1).double() if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64,
+             device=p.device) for p in params]
+    device = grads[0].device if grads else None
+    tail = torch.tensor([float(p.grad is not None) for p in params] + values, dtype=torch.float64, device=device)
+    flat = world.all_reduce_sum(torch.cat(grads + [tail]))
+    summed_tail = flat[flat.numel() - tail.numel():].cpu()
+    offset = 0
+    for i, p in enumerate(params):
+        piece = flat[offset : offset + p.numel()]
+        offset += p.numel()
+        p.grad = piece.view(p.shape).to(p.dtype) if summed_tail[i] > 0 else None
+    return [float(v) for v in summed_tail[len(params):]]
+
+
 def _final_levels(weights: Mapping[str, torch.Tensor], es: Mapping[str, tuple[float, float]], factor: float = 1.0):
     out = {}
     for name, w in weights.items():
@@ -163,8 +202,13 @@ def l2_compress(
     *,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    world: World = SINGLE,
 ) -> L2Result:
-    """Run L² on ``model`` (left untouched) with ``calibration`` inputs; see the module docstring."""
+    """Run L² on ``model`` (left untouched) with ``calibration`` inputs; see the module docstring.
+
+    With a ``world`` of several processes every process calls this with the same model,
+    calibration inputs and config, trains on its share of each batch, and returns the same
+    result (see the module docstring for what is shared and what is guaranteed)."""
     config = config or L2Config()
     config.validate()
     if calibration is None or len(calibration) == 0:
@@ -198,8 +242,15 @@ def l2_compress(
             params[name] = w_hat
             sample, scale = counter.subsample(c, generator)
             rate = rate + scale * counter.rate_bits(sample, kernel=config.kernel, resolution=config.resolution)
-        out = functional_call(student, {**params, **dict(student.named_buffers())}, (calib[idx],))
-        return _kd_loss(out, teacher_out_all[idx]), rate / n_quant
+        if not world.distributed:
+            out = functional_call(student, {**params, **dict(student.named_buffers())}, (calib[idx],))
+            return _kd_loss(out, teacher_out_all[idx]), rate / n_quant
+        share = world.share(len(idx))  # whole examples, contiguous; none empty while examples >= processes
+        rows = idx[share.start : share.stop]
+        if len(rows) == 0:  # more processes than examples: this one idles (its generator stays in step)
+            return torch.zeros((), device=dev), rate / n_quant
+        out = functional_call(student, {**params, **dict(student.named_buffers())}, (calib[rows],))
+        return _kd_share_loss(out, teacher_out_all[rows], len(idx)), rate / n_quant
 
     def current_edge_step() -> dict[str, tuple[float, float]]:
         return {n: tuple(float(v.detach()) for v in state.edge_step(i)) for i, n in enumerate(names)}
@@ -240,18 +291,32 @@ def l2_compress(
                 p.requires_grad_(phase == "transform")
             for p in student.parameters():
                 p.requires_grad_(phase == "weights")
+            trained = list((state if phase == "transform" else student).parameters())
             for step in range(steps):
                 if step % config.remeasure_every == 0:
                     budget_bpw, size = budget()
                     history.append({"round": rnd + 1, "phase": phase, "step": step, "file_bytes": size.file_bytes,
                                     "ratio": size.fp32_ratio, "budget_bpw": budget_bpw, "lambda": lam})
                 idx = torch.randint(len(calib), (config.batch_size,), generator=generator).to(dev)
-                kd, bpw = forward(idx)
-                loss = kd + lam * bpw
-                if not torch.isfinite(loss):
+                if world.distributed:
+                    with world.guard():  # a failure in one process's share stops all, one line each
+                        kd, bpw = forward(idx)
+                        # The rate is the same on every process: its gradient is counted once (process 0's).
+                        loss = kd + lam * bpw if world.is_main else kd
+                        opt.zero_grad(set_to_none=True)
+                        if loss.requires_grad:
+                            loss.backward()
+                    kd_value, total = _all_reduce_grads(world, trained, [float(kd.detach()), float(loss.detach())])
+                    kd = torch.tensor(kd_value)
+                else:
+                    kd, bpw = forward(idx)
+                    loss = kd + lam * bpw
+                    total = float(loss.detach())
+                if not math.isfinite(total):  # the same verdict on every process: the summed loss
                     raise InputError("L² optimisation diverged (non-finite loss)", hint="lower --target-ratio")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if not world.distributed:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
                 opt.step()
                 if phase == "transform":
                     # Only e and s can move the rate much, so lambda is steered in this phase only

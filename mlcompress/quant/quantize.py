@@ -15,6 +15,12 @@ Three methods:
 Everything that can be wrong with the inputs (bit width, ratio, task/checkpoint mismatch, empty
 calibration set, existing outputs) is checked before anything is written; files are written
 atomically. The reported sizes are read back from the written file.
+
+Under torchrun only ``l2`` runs, data-parallel (:func:`mlcompress.quant.calibrate.l2_compress`):
+every process reads the checkpoint and calibration data and trains on its share of each batch;
+process 0 alone checks the destinations, evaluates, writes and reads back the files, and sends
+its report to the others (so nothing races on an output). The other methods are one quick pass
+with nothing to share out, so they refuse torchrun.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from mlcompress.codecs.quant import uniform
 from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA
 from mlcompress.container import open_mrc
 from mlcompress.device import resolve_device
+from mlcompress.distributed import SINGLE, join, refuse_if_launched
 from mlcompress.errors import InputError, UsageError
 from mlcompress.options import L2, Float, Quant
 from mlcompress.progress import Progress
@@ -102,14 +109,17 @@ def _evaluate(task, tensors: dict[str, torch.Tensor], device) -> float:
     return evaluate_model(task, model, device=device).metric
 
 
-def _outputs(src: Path, output, safetensors, force: bool) -> tuple[Path, Path | None]:
+def _outputs(src: Path, output, safetensors, force: bool, check: bool = True) -> tuple[Path, Path | None]:
+    """The destinations; ``check`` (the process that writes) also refuses existing files."""
     dst = Path(output) if output is not None else default_output(src)
     if dst.suffix.lower() != ".mrc":
         raise UsageError(f"-o {dst}: the quantized model is written as .mrc", hint="use --safetensors for a dequantized copy")
-    check_destination(dst, force=force)
+    if check:
+        check_destination(dst, force=force)
     st = Path(safetensors) if safetensors is not None else None
     if st is not None:
-        check_destination(st, force=force)
+        if check:
+            check_destination(st, force=force)
         if st.resolve() == dst.resolve():
             raise UsageError("-o and --safetensors name the same file")
     return dst, st
@@ -158,16 +168,20 @@ def quantize_checkpoint(
             raise InputError("the calibration set is empty", hint="pass --calib-samples with a positive number")
         config = l2_config or L2Config(target_ratio=target_ratio, kernel=kernel, seed=seed)
         config.validate()
+    if method != "l2":
+        refuse_if_launched("quantize --float" if method == "float" else f"quantize --method {method}")
+    world = join(device) if method == "l2" else SINGLE
     dev = resolve_device(device)
     src = Path(src)
-    dst, st = _outputs(src, output, safetensors, force)
-    tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
-    task_obj = None
-    if task is not None:
-        task_obj = get_task(task, data)
-        check_state_dict_fits(task_obj, tensors)
-    summary: dict[str, Any] = {"input": str(src)}
-    before = _evaluate(task_obj, tensors, dev) if task_obj is not None else None
+    with world.guard():  # a bad input seen by one process only stops all, one line each
+        dst, st = _outputs(src, output, safetensors, force, check=world.is_main)
+        tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
+        task_obj = None
+        if task is not None:
+            task_obj = get_task(task, data)
+            check_state_dict_fits(task_obj, tensors)
+        summary: dict[str, Any] = {"input": str(src)}
+        before = _evaluate(task_obj, tensors, dev) if task_obj is not None and world.is_main else None
 
     if method == "uniform" and quant.entropy_constrained:
         # ``auto`` is resolved here, once, so the header and the report name the rule that ran.
@@ -195,11 +209,12 @@ def quantize_checkpoint(
         to_store, dequantized = tensors, dequantize_float(tensors, plan)
         summary.update(options)
     else:
-        calibration = task_obj.calibration(calib_samples)
-        if calibration is None or len(calibration) == 0:
-            raise InputError("the calibration set is empty", hint="pass --calib-samples with a positive number")
-        model = load_task_model(task_obj, tensors, "cpu")
-        result = l2_compress(model, calibration, config, device=dev, progress=progress)
+        with world.guard():
+            calibration = task_obj.calibration(calib_samples)
+            if calibration is None or len(calibration) == 0:
+                raise InputError("the calibration set is empty", hint="pass --calib-samples with a positive number")
+            model = load_task_model(task_obj, tensors, "cpu")
+        result = l2_compress(model, calibration, config, device=dev, progress=progress, world=world)
         plan, to_store, dequantized = result.plan, result.tensors, result.dequantized
         options = {"method": "l2", "target_ratio": config.target_ratio, "kernel": config.kernel,
                    "calib_samples": calib_samples, "rounds": config.rounds, "seed": config.seed}
@@ -207,14 +222,18 @@ def quantize_checkpoint(
         summary.update({"sparsity": result.sparsity, "widen_factor": result.widen_factor,
                         "optimisation_seconds": result.seconds})
 
-    after = _evaluate(task_obj, dequantized, dev) if task_obj is not None else None
-    size = write_plan(dst, to_store, plan, _metadata(src, options, task_obj, before, after), force=force)
-    if st is not None:
-        save_checkpoint(dequantized, st, force=force)
-        summary["safetensors"] = str(st)
-    summary.update(size.as_dict())
-    summary["quantized_tensors"] = sum(1 for c, _ in plan.values() if c in LOSSY_CODECS)
-    if task_obj is not None:
-        summary.update({"task": task_obj.name, "metric": task_obj.metric_name, "metric_before": before,
-                        "metric_after": after})
-    return Report.of(open_mrc(dst), options["method"], time.perf_counter() - start, summary)
+    report = None
+    with world.guard():  # process 0 alone evaluates and writes; a failure there stops the others too
+        if world.is_main:
+            after = _evaluate(task_obj, dequantized, dev) if task_obj is not None else None
+            size = write_plan(dst, to_store, plan, _metadata(src, options, task_obj, before, after), force=force)
+            if st is not None:
+                save_checkpoint(dequantized, st, force=force)
+                summary["safetensors"] = str(st)
+            summary.update(size.as_dict())
+            summary["quantized_tensors"] = sum(1 for c, _ in plan.values() if c in LOSSY_CODECS)
+            if task_obj is not None:
+                summary.update({"task": task_obj.name, "metric": task_obj.metric_name, "metric_before": before,
+                                "metric_after": after})
+            report = Report.of(open_mrc(dst), options["method"], time.perf_counter() - start, summary)
+    return world.broadcast(report)
