@@ -10,8 +10,9 @@ from mlcompress.distributed import refuse_if_launched
 from mlcompress.version import __version__
 
 #: The commands that shard their work under torchrun (docs/scale.md); the others would only run
-#: N copies racing on one output file.
-SHARDED_COMMANDS = ("encode", "diverge", "fit-posterior")
+#: N copies racing on one output file. ``quantize`` shards ``--method l2`` only and refuses its
+#: one-pass methods itself.
+SHARDED_COMMANDS = ("encode", "diverge", "fit-posterior", "quantize")
 
 app = typer.Typer(
     name="mlcompress",

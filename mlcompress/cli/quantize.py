@@ -3,7 +3,6 @@ low-precision float conversion (``--float``)."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,14 +17,6 @@ from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA
 from mlcompress.distributed import main_process, refuse_if_launched
 from mlcompress.errors import UsageError
 from mlcompress.cli.output import Output, human_bytes
-
-# The torchrun gate. ``--method l2`` trains data-parallel under torchrun (docs/scale.md), so the
-# root callback must let ``quantize`` through; the command itself then refuses the methods that
-# are one quick pass with nothing to share out. The entry is added here, beside that refusal,
-# so the two halves of the gate live together.
-_app_module = importlib.import_module("mlcompress.cli.app")
-if "quantize" not in _app_module.SHARDED_COMMANDS:
-    _app_module.SHARDED_COMMANDS = (*_app_module.SHARDED_COMMANDS, "quantize")
 
 #: Options that choose an integer grid, so they contradict ``--float`` (by their parameter names).
 _INTEGER_ONLY = {"method": "--method", "bits": "--bits", "group_size": "--group-size", "symmetric": "--symmetric",
