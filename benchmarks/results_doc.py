@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
@@ -27,11 +28,21 @@ def put_between_markers(name: str, text: str, heading: str = "", path: Path = RE
     print(f"wrote the {name} table into {path}")
 
 
+def interpreter() -> str:
+    """The running python as the reader would type it: relative to the checkout when it is a
+    virtualenv inside it (``.venv``, or a peers' venv under ``runs/``)."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(RESULTS.parents[1]))
+    except ValueError:
+        return "python"
+
+
 def record_run(name: str, command: str, seconds: float, text: str, heading: str = "") -> None:
     """Put ``text`` between ``name``'s markers, after a line saying how it was measured: the
     command, the machine and the wall time (every benchmark's table carries them)."""
     import torch  # the benchmarks all run torch; imported here so put_between_markers stays light
 
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
-    put_between_markers(name, f"Command: `.venv/bin/python {command}`. Machine: {machine}. "
+    put_between_markers(name, f"Command: `{interpreter()} {command}`. Machine: {machine}. "
                         f"Wall time {seconds / 60:.1f} min.\n\n{text}", heading=heading)
