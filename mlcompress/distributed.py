@@ -266,9 +266,25 @@ def join(device: str | Any = "cpu") -> World:
     return _joined
 
 
+#: Seconds the processes wait for each other at exit before tearing the group down anyway.
+LEAVE_TIMEOUT_S = 20.0
+
+
 def _leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear the group down, all processes together. Why the barrier: gloo aborts a process
+    ("terminate called without an active exception", SIGABRT) when its peer closes the
+    connection while it is still tearing down, which made short runs fail at exit now and then.
+    The wait is bounded, so a process that died does not hold the others."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=LEAVE_TIMEOUT_S))
+        else:
+            dist.barrier()
+    except Exception:  # a peer is gone: nothing to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def _wants_cuda(device: Any) -> bool:
