@@ -27,7 +27,6 @@ import argparse
 import gzip
 import importlib.util
 import json
-import math
 import random
 import shutil
 import subprocess
@@ -43,6 +42,7 @@ from mlcompress.codecs.quant.rdo import HIGH_RATE_LAMBDA
 from mlcompress.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from curves import interpolate  # noqa: E402
 from results_doc import record_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,16 +234,6 @@ def methods() -> list[tuple[str, object]]:
     return out
 
 
-def log_interp(x: float, points: list[tuple[float, float]]) -> float | None:
-    """``y`` at ``x`` from (x, y) points, linear in (x, log y); None outside them."""
-    points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            f = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
-            return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
-    return None
-
-
 def family(rows: list[tuple[str, int, float, float]], suffix: str) -> list[tuple[int, float]]:
     """(bytes, KL) of the ``--target-ratio R`` rows with exactly the extra flags ``suffix``."""
     out = []
@@ -265,7 +255,7 @@ def versus_peers(rows: list[tuple[str, int, float, float]]) -> str:
             continue
         cells = []
         for points in families.values():
-            at = log_interp(b, points)
+            at = interpolate(b, points, log_y=True)
             cells.append("outside our rows" if at is None else f"{at:.5f} ({at / kl:.2f})")
         lines.append(f"| {m} | {bpp:.2f} | {kl:.5f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

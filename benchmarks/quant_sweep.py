@@ -43,6 +43,7 @@ from mlcompress.codecs.quant.rdo import HIGH_RATE_LAMBDA
 from mlcompress.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from curves import interpolate  # noqa: E402
 from results_doc import record_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,14 +61,7 @@ def nncodec_at(ratio: float, points: list[tuple[float, float]] | None = None, lo
     """NNCodec's value at ``ratio``, linear in log-ratio between its points (None outside them):
     the same-run ``points`` (ratio, value) of this model when given, else the issue's drops.
     ``log_value`` interpolates the value's logarithm (for KL, which grows geometrically)."""
-    points = sorted(points) if points is not None else NNCODEC
-    for (r0, v0), (r1, v1) in zip(points, points[1:]):
-        if r0 <= ratio <= r1:
-            f = (math.log(ratio) - math.log(r0)) / (math.log(r1) - math.log(r0))
-            if log_value:
-                return math.exp(math.log(v0) + f * (math.log(v1) - math.log(v0)))
-            return v0 + f * (v1 - v0)
-    return None
+    return interpolate(ratio, NNCODEC if points is None else points, log_x=True, log_y=log_value)
 
 
 def start_model(task: str, seed: int, cache: Path) -> Path:
