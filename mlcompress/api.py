@@ -205,7 +205,7 @@ def fit_posterior(task: str, init: str | os.PathLike | None, dst: str | os.PathL
     from mlcompress.tasks import get_task
 
     ckpt = Path(checkpoint) if checkpoint is not None else Path(dst).with_name(Path(dst).name + ".ckpt")
-    return fit_to_file(get_task(task, data), init, config or FitConfig(**settings), dst, checkpoint=ckpt, resume=resume,
+    return fit_to_file(get_task(task, data, init), init, config or FitConfig(**settings), dst, checkpoint=ckpt, resume=resume,
                        device=device, force=force, progress=progress, unsafe_pickle=unsafe_pickle)
 
 
@@ -226,7 +226,7 @@ def evaluate(task: str, path: str | os.PathLike, *, data: str | os.PathLike | No
     from mlcompress.posterior.evaluation import evaluate_file
     from mlcompress.tasks import get_task
 
-    return evaluate_file(get_task(task, data), path, samples=samples, seed=seed, device=device,
+    return evaluate_file(get_task(task, data, path), path, samples=samples, seed=seed, device=device,
                          unsafe_pickle=unsafe_pickle)
 
 

@@ -327,7 +327,7 @@ def prune_file(
         raise InputError(f"{_NEEDS_POSTERIOR}; {src} is not one", hint="use --criterion magnitude or random")
     if is_posterior and finetune_steps:
         raise UsageError("--finetune-steps applies to checkpoints; a posterior is trained by fit-posterior")
-    task_obj = get_task(task, data) if task is not None else None
+    task_obj = get_task(task, data, src) if task is not None else None
     job = _Job(src, dst, criterion, scope, sparsity, finetune_steps, bits, force, seed, resolve_device(device),
                task_obj, start)
     if is_posterior:

@@ -178,7 +178,7 @@ def quantize_checkpoint(
         tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
         task_obj = None
         if task is not None:
-            task_obj = get_task(task, data)
+            task_obj = get_task(task, data, src)
             check_state_dict_fits(task_obj, tensors)
         summary: dict[str, Any] = {"input": str(src)}
         before = _evaluate(task_obj, tensors, dev) if task_obj is not None and world.is_main else None

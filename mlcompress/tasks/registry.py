@@ -3,6 +3,11 @@
 A plug-in is any importable callable returning an object that satisfies
 :class:`~mlcompress.tasks.protocol.Task`. It is called with ``data=DIR`` when the user passes
 ``--data``, and with no arguments otherwise, so factories without a data set need no parameter.
+
+A factory that declares a ``model`` parameter also receives the path of the checkpoint the
+command works on (quantize's input, fit-posterior's ``--init``, the file evaluated), because
+some tasks -- a causal language model -- take their architecture from it rather than from code.
+Factories without that parameter never see it.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ def task_names() -> list[str]:
     return sorted(BUILTIN)
 
 
-def get_task(spec: str, data: Path | str | None = None) -> Task:
-    """The task named ``spec`` (a built-in name or ``package.module:factory``), built on ``data``."""
+def get_task(spec: str, data: Path | str | None = None, model: Path | str | None = None) -> Task:
+    """The task named ``spec`` (a built-in name or ``package.module:factory``), built on ``data``;
+    ``model`` (the checkpoint the command works on) goes to factories that declare it."""
     if ":" not in spec:
         try:
             factory = BUILTIN[spec]
@@ -43,11 +49,22 @@ def get_task(spec: str, data: Path | str | None = None) -> Task:
                 f"unknown task {spec!r}",
                 hint=f"built-in tasks: {', '.join(task_names())}; or a plug-in package.module:factory",
             ) from None
-        return factory(data)
-    return _plugin(spec, data)
+        return factory(data, **_model_argument(factory, model))
+    return _plugin(spec, data, model)
 
 
-def _plugin(spec: str, data: Path | str | None) -> Task:
+def _model_argument(factory: Callable[..., Task], model: Path | str | None) -> dict[str, Path]:
+    """``{"model": path}`` when ``factory`` takes a ``model`` parameter and there is a path."""
+    if model is None:
+        return {}
+    try:
+        takes = "model" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        takes = False
+    return {"model": Path(model)} if takes else {}
+
+
+def _plugin(spec: str, data: Path | str | None, model: Path | str | None = None) -> Task:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise InputError(f"bad task plug-in {spec!r}", hint="write it as package.module:factory")
@@ -66,9 +83,9 @@ def _plugin(spec: str, data: Path | str | None) -> Task:
             inspect.signature(factory).bind(data=data)
         except TypeError:
             raise InputError(f"task plug-in {spec!r} takes no data argument; drop --data") from None
-        task = factory(data=Path(data))
+        task = factory(data=Path(data), **_model_argument(factory, model))
     else:
-        task = factory()
+        task = factory(**_model_argument(factory, model))
     missing = [name for name in _REQUIRED if not hasattr(task, name)]
     if missing:
         raise InputError(
