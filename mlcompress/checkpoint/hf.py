@@ -50,8 +50,8 @@ def load_hf_directory(directory: Path, *, unsafe_pickle: bool = False) -> dict[s
     """All tensors of a Hugging Face model directory, shards merged, names as stored."""
     weights, kind, is_index = find_weights(directory)
     if is_index:
-        weight_map = _read_weight_map(weights)
-        shards = _shard_paths(weights, weight_map)
+        weight_map = read_weight_map(weights)
+        shards = shard_paths(weights, weight_map)
     else:
         weight_map, shards = {}, [weights]
 
@@ -77,7 +77,7 @@ def load_hf_directory(directory: Path, *, unsafe_pickle: bool = False) -> dict[s
     return tensors
 
 
-def _read_weight_map(index: Path) -> dict[str, str]:
+def read_weight_map(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (ValueError, AttributeError, UnicodeDecodeError) as exc:
@@ -91,7 +91,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _shard_paths(index: Path, weight_map: dict[str, str]) -> list[Path]:
+def shard_paths(index: Path, weight_map: dict[str, str]) -> list[Path]:
     """The distinct shard files, in first-mention order, each checked to exist in the directory.
 
     Shard names come from a file the user downloaded; one that points outside the model

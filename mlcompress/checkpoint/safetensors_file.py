@@ -48,7 +48,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}
     except Exception as exc:  # safetensors reports damage with several exception types
         raise unreadable(path, "safetensors", exc) from exc
-    return tensors, _parse_aliases(metadata.get(ALIASES_KEY), path)
+    return tensors, parse_aliases(metadata.get(ALIASES_KEY), path)
 
 
 def write_safetensors(stored: dict[str, torch.Tensor], header: dict[str, str], path: Path) -> None:
@@ -100,7 +100,7 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return header
 
 
-def _parse_aliases(text: str | None, path: Path) -> dict[str, str]:
+def parse_aliases(text: str | None, path: Path) -> dict[str, str]:
     if text is None:
         return {}
     try:
