@@ -6,6 +6,10 @@ bfloat16 and float16 when its C extension is built, else ``lossless2`` (zstd-cod
 planes); both are chunked so threads share the work -- unless its bytes as they are would be no
 larger (tiny tensors, where the tables cost more than they save), then ``raw``. Tied tensors
 are stored once.
+
+The encode streams (:func:`mlcompress.container.write_stream`): safetensors files, Hugging Face
+directories and ``.mrc`` files are read one tensor at a time and each payload is spooled to disk
+as it is produced, so memory is bounded by the largest tensor (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from typing import Any, Mapping
 
 from mlcompress.assembly import base_metadata, default_output, smallest_lossless
 from mlcompress.atomic import check_destination
-from mlcompress.checkpoint import load_checkpoint
-from mlcompress.container import EncodedTensor, encode_entries, open_mrc, write_encoded
+from mlcompress.checkpoint.source import open_source, source_of
+from mlcompress.container import open_mrc, write_stream
 from mlcompress.progress import Progress, report
 from mlcompress.report import Report
 from mlcompress.workers import resolve_threads
@@ -45,10 +49,9 @@ def encode_lossless(
     start = time.perf_counter()
     dst = Path(dst) if dst is not None else default_output(src)
     check_destination(dst, force=force)
-    if tensors is None:
-        tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
-    total = len(tensors)
-    entries = encode_entries(tensors, lambda name, t: smallest_lossless(name, t, threads), lambda done: report(progress, "tensors", done, total, "tensors"))
-    write_encoded(dst, entries, base_metadata(src, {"method": "lossless"}), force=force)
-    codecs = Counter(e.codec for e in entries if isinstance(e, EncodedTensor))
+    source = open_source(src, unsafe_pickle=unsafe_pickle) if tensors is None else source_of(tensors, src)
+    records = write_stream(dst, source, lambda name, t: smallest_lossless(name, t, threads),
+                           base_metadata(src, {"method": "lossless"}), force=force,
+                           progress=lambda done, total: report(progress, "lossless", done / 1e6, total / 1e6, "MB"))
+    codecs = Counter(r.codec for r in records if r.alias_of is None)
     return Report.of(open_mrc(dst), "lossless", time.perf_counter() - start, {"codecs": dict(sorted(codecs.items()))})

@@ -8,6 +8,7 @@ embeddings) are stored once; the others record ``alias_of``.
 from __future__ import annotations
 
 import os
+import secrets
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -17,7 +18,7 @@ from mlcompress.atomic import atomic_output, check_destination
 from mlcompress.codecs.lossless3 import crc32
 from mlcompress.errors import InputError
 from mlcompress.format.dtypes import dtype_name
-from mlcompress.format.header import MAGIC, PREAMBLE, VERSION, Unit, lay_out
+from mlcompress.format.header import MAGIC, PREAMBLE, VERSION, Unit, has_payload, lay_out
 from mlcompress.format.records import Alias, EncodedTensor, GroupRecord, TensorRecord
 
 Entry = EncodedTensor | Alias
@@ -25,23 +26,25 @@ Entry = EncodedTensor | Alias
 Plan = Mapping[str, tuple[str, Mapping[str, Any]]] | Callable[[str, Any], tuple[str, Mapping[str, Any]]]
 
 
-def _records(entries: list[Entry]) -> list[TensorRecord]:
+def _record(entry: Entry) -> TensorRecord:
+    """The header record of one entry (an encoded tensor's with its payload's length and CRC)."""
+    if isinstance(entry, Alias):
+        return TensorRecord(entry.name, (), "", alias_of=entry.target)
+    return TensorRecord(entry.name, tuple(int(s) for s in entry.shape), entry.dtype, entry.codec, dict(entry.params),
+                        length=len(entry.payload), crc32=crc32(entry.payload))
+
+
+def _check_records(records: list[TensorRecord]) -> None:
+    """Names unique, every alias pointing at a stored tensor."""
     seen: set[str] = set()
-    for entry in entries:
-        if entry.name in seen:
-            raise InputError(f"tensor name {entry.name!r} appears twice")
-        seen.add(entry.name)
-    stored = {e.name for e in entries if isinstance(e, EncodedTensor)}
-    records: list[TensorRecord] = []
-    for entry in entries:
-        if isinstance(entry, Alias):
-            if entry.target not in stored:
-                raise InputError(f"alias {entry.name!r} points at {entry.target!r}, which is not stored")
-            records.append(TensorRecord(entry.name, (), "", alias_of=entry.target))
-        else:
-            records.append(TensorRecord(entry.name, tuple(int(s) for s in entry.shape), entry.dtype, entry.codec,
-                                        dict(entry.params), length=len(entry.payload), crc32=crc32(entry.payload)))
-    return records
+    for rec in records:
+        if rec.name in seen:
+            raise InputError(f"tensor name {rec.name!r} appears twice")
+        seen.add(rec.name)
+    stored = {r.name for r in records if r.alias_of is None}
+    for rec in records:
+        if rec.alias_of is not None and rec.alias_of not in stored:
+            raise InputError(f"alias {rec.name!r} points at {rec.alias_of!r}, which is not stored")
 
 
 def group_units(records: list[TensorRecord]) -> list[Unit]:
@@ -67,19 +70,16 @@ def group_units(records: list[TensorRecord]) -> list[Unit]:
     return units
 
 
-def _payload_units(records: list[TensorRecord], payloads: Mapping[str, bytes]) -> tuple[list[Unit], dict[int, bytes]]:
-    """Units of ``records`` and each stored unit's payload bytes (a group's members back to back)."""
+def _stored_units(records: list[TensorRecord], payload: Callable[[str], bytes | memoryview]) -> list[Unit]:
+    """Units of ``records``, each group's CRC32 computed over its members' payloads back to back
+    (``payload(name)`` gives one; groups hold REC's few-byte payloads, so joining them is cheap)."""
     units = group_units(records)
-    data: dict[int, bytes] = {}
     for unit in units:
         if isinstance(unit, GroupRecord):
-            data[id(unit)] = b"".join(payloads[m.name] for m in unit.members)
-            unit.crc32 = crc32(data[id(unit)])
+            unit.crc32 = crc32(b"".join(bytes(payload(m.name)) for m in unit.members))
             for member in unit.members:
                 member.crc32 = None
-        elif unit.alias_of is None:
-            data[id(unit)] = payloads[unit.name]
-    return units, data
+    return units
 
 
 def file_size(entries: Iterable[Entry], metadata: Mapping[str, Any]) -> int:
@@ -89,26 +89,137 @@ def file_size(entries: Iterable[Entry], metadata: Mapping[str, Any]) -> int:
     payloads; the answer is the writer's own layout, not an estimate.
     """
     entries = list(entries)
-    units, _ = _payload_units(_records(entries), {e.name: e.payload for e in entries if isinstance(e, EncodedTensor)})
-    return lay_out(units, metadata)[1]
+    records = [_record(e) for e in entries]
+    _check_records(records)
+    payloads = {e.name: e.payload for e in entries if isinstance(e, EncodedTensor)}
+    return lay_out(_stored_units(records, payloads.__getitem__), metadata)[1]
+
+
+#: Bytes copied per call from the spool into the final file.
+COPY_CHUNK = 1 << 24
+
+
+class MrcWriter:
+    """A ``.mrc`` file built from entries handed over one at a time.
+
+    The header, which comes first in the file, holds every payload's offset and length, so it
+    is known only once the last tensor is encoded. With ``spool`` (what streaming encoders use)
+    each payload goes to a temporary file beside the destination as soon as it is added, and
+    only its record stays in memory: memory is bounded by one tensor, whatever the model's size.
+    :meth:`finish` then writes the preamble and header and copies the payloads after them (in
+    the kernel where it can, ``copy_file_range``), atomically. Without ``spool`` payloads are
+    kept in memory, which is cheaper for the many small trial files a size search writes.
+
+    Use as a context manager: leaving it by an exception removes the spool and writes nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, spool: bool = True) -> None:
+        self.path = check_destination(path, force=force)
+        self.force = force
+        self.records: list[TensorRecord] = []
+        self._names: set[str] = set()
+        self._memory: dict[str, bytes | memoryview] = {}
+        self._spooled: dict[str, tuple[int, int]] = {}  # name -> (offset in the spool, length)
+        self._spool_path: Path | None = None
+        self._spool: Any = None
+        if spool:
+            self._spool_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.spool")
+            self._spool = open(self._spool_path, "xb+")
+            self._spool_end = 0
+
+    def __enter__(self) -> "MrcWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the spool (idempotent)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        if self._spool_path is not None:
+            self._spool_path.unlink(missing_ok=True)
+            self._spool_path = None
+
+    @property
+    def payload_bytes(self) -> int:
+        """Payload bytes added so far."""
+        return sum(r.length for r in self.records if r.alias_of is None)
+
+    def add(self, entry: Entry) -> None:
+        """Record one tensor (its payload written to the spool at once) or alias."""
+        if entry.name in self._names:
+            raise InputError(f"tensor name {entry.name!r} appears twice")
+        self._names.add(entry.name)
+        rec = _record(entry)
+        self.records.append(rec)
+        if isinstance(entry, Alias):
+            return
+        if self._spool is None:
+            self._memory[entry.name] = entry.payload
+            return
+        self._spool.write(entry.payload)
+        self._spooled[entry.name] = (self._spool_end, rec.length)
+        self._spool_end += rec.length
+
+    def _payload(self, name: str) -> bytes | memoryview:
+        if name in self._memory:
+            return self._memory[name]
+        offset, length = self._spooled[name]
+        self._spool.seek(offset)
+        return self._spool.read(length)
+
+    def _copy(self, out: Any, name: str) -> None:
+        """Append ``name``'s payload to the open file ``out``."""
+        if name in self._memory:
+            out.write(self._memory[name])
+            return
+        offset, length = self._spooled[name]
+        out.flush()
+        src, dst = self._spool.fileno(), out.fileno()
+        while length:
+            try:
+                n = os.copy_file_range(src, dst, min(length, COPY_CHUNK), offset, None)
+            except (AttributeError, OSError):  # not Linux, or a file system that refuses it
+                os.lseek(src, offset, os.SEEK_SET)
+                n = os.write(dst, os.read(src, min(length, COPY_CHUNK)))
+            if n <= 0:
+                raise OSError(f"could not copy the payload of {name!r} into {self.path}")
+            offset += n
+            length -= n
+        out.seek(0, os.SEEK_END)
+
+    def finish(self, metadata: Mapping[str, Any]) -> Path:
+        """Lay the file out, write it atomically, remove the spool; returns the destination."""
+        try:
+            _check_records(self.records)
+            if self._spool is not None:
+                self._spool.flush()
+            units = _stored_units(self.records, self._payload)
+            header, _ = lay_out(units, metadata)
+            with atomic_output(self.path, force=self.force) as tmp, open(tmp, "wb") as f:
+                f.write(PREAMBLE.pack(MAGIC, VERSION, zlib.crc32(header), len(header)))
+                f.write(header)
+                pos = PREAMBLE.size + len(header)
+                for unit in sorted((u for u in units if has_payload(u)), key=lambda u: u.offset):
+                    f.write(b"\0" * (unit.offset - pos))
+                    for member in unit.members if isinstance(unit, GroupRecord) else [unit]:
+                        self._copy(f, member.name)
+                    pos = unit.offset + unit.length
+        finally:
+            self.close()
+        return self.path
 
 
 def write_encoded(path: str | os.PathLike, entries: Iterable[Entry], metadata: Mapping[str, Any], *,
                   force: bool = False) -> Path:
-    """Write pre-encoded tensors as a ``.mrc`` file, atomically. Returns the destination path."""
-    path = Path(path)
-    entries = list(entries)
-    units, data = _payload_units(_records(entries), {e.name: e.payload for e in entries if isinstance(e, EncodedTensor)})
-    header, _ = lay_out(units, metadata)
-    with atomic_output(path, force=force) as tmp, open(tmp, "wb") as f:
-        f.write(PREAMBLE.pack(MAGIC, VERSION, zlib.crc32(header), len(header)))
-        f.write(header)
-        pos = PREAMBLE.size + len(header)
-        for unit in sorted((u for u in units if id(u) in data), key=lambda u: u.offset):
-            f.write(b"\0" * (unit.offset - pos))
-            f.write(data[id(unit)])
-            pos = unit.offset + unit.length
-    return path
+    """Write pre-encoded tensors (held in memory) as a ``.mrc`` file, atomically. Returns the
+    destination path."""
+    with MrcWriter(path, force=force, spool=False) as writer:
+        for entry in entries:
+            writer.add(entry)
+        return writer.finish(metadata)
 
 
 def shared_storage_aliases(tensors: Mapping[str, Any]) -> dict[str, str]:
@@ -155,6 +266,33 @@ def encode_entries(tensors: Mapping[str, Any], encode_one: Callable[[str, Any], 
         if progress is not None:
             progress(len(entries))
     return entries
+
+
+def write_stream(path: str | os.PathLike, source: Any, encode_one: Callable[[str, Any], EncodedTensor],
+                 metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]], *, force: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> list[TensorRecord]:
+    """Encode a checkpoint tensor by tensor into ``path``: read one, encode it, spool its
+    payload, drop it. Memory holds one tensor and its payload at a time, whatever the model.
+
+    ``source`` is a :class:`~mlcompress.checkpoint.source.TensorSource` (anything with
+    ``names``, ``aliases``, ``info(name).nbytes`` and ``get(name)``); its ties become aliases.
+    ``metadata`` may be a function, called once every tensor is encoded, for headers that
+    depend on the encoding. ``progress(done, total)`` is called in source bytes. Returns the
+    records written (payload lengths, codecs).
+    """
+    total = sum(source.info(n).nbytes for n in source.names if n not in source.aliases)
+    done = 0
+    with MrcWriter(path, force=force) as writer:
+        for name in source.names:
+            if name in source.aliases:
+                writer.add(Alias(name, source.aliases[name]))
+                continue
+            writer.add(encode_one(name, source.get(name)))
+            done += source.info(name).nbytes
+            if progress is not None:
+                progress(done, total)
+        writer.finish(metadata() if callable(metadata) else metadata)
+        return writer.records
 
 
 def write_mrc(path: str | os.PathLike, tensors: Mapping[str, Any], plan: Plan, metadata: Mapping[str, Any], *,

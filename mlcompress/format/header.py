@@ -110,7 +110,8 @@ def header_doc(units: Sequence[Unit], metadata: Mapping[str, Any], file_size: in
     }
 
 
-def _stored(unit: Unit) -> bool:
+def has_payload(unit: Unit) -> bool:
+    """Whether a unit occupies bytes after the header (an alias does not)."""
     return isinstance(unit, GroupRecord) or unit.alias_of is None
 
 
@@ -129,7 +130,7 @@ def lay_out(units: Sequence[Unit], metadata: Mapping[str, Any], version: int = V
         offset = align(header_end)
         file_size = header_end
         for unit in units:
-            if _stored(unit):
+            if has_payload(unit):
                 unit.offset = offset
                 file_size = offset + unit.length
                 offset = align(file_size)
@@ -270,7 +271,7 @@ def _parse_record(path: Path, item: Any, version: int) -> TensorRecord:
 
 def check_layout(path: Path, f, units: Sequence[Unit], header_end: int, file_size: int) -> None:
     """Payloads aligned, in order, non-overlapping, zero-padded, and ending exactly at the end."""
-    stored = sorted((u for u in units if _stored(u)), key=lambda r: r.offset)
+    stored = sorted((u for u in units if has_payload(u)), key=lambda r: r.offset)
     pos = header_end
     for rec in stored:
         _need(rec.offset % ALIGN == 0, path, f"payload of {rec.name!r} is not {ALIGN}-byte aligned")
