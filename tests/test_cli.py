@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from bitexact import assert_same_tensors
@@ -225,14 +226,61 @@ def test_encode_refuses_existing_output(work):
 
 def test_unknown_option_is_a_usage_error(tmp_path):
     proc = run("inspect", "m.mrc", "--no-such-option", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "no-such-option" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert_failed(proc, 2, "--no-such-option", "mlcompress inspect --help")
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["fit-posterior", "--init", "m.pt", "-o", "p.safetensors"], "Missing option '--task'"),
+    (["train", "-o", "m.pt"], "Missing option '--task'"),
+    (["eval", "m.pt"], "Missing option '--task'"),
+    (["prune", "m.pt"], "Missing option '--sparsity'"),
+    (["quantize"], "Missing argument 'MODEL'"),
+    (["diverge"], "Missing argument 'REF CMP'"),
+    (["quantize", "m.pt", "--bits", "four"], "'four' is not a valid integer"),
+    (["encode", "m.pt", "--bits-per-blok", "12"], "No such option"),
+    (["decode", "m.mrc", "--fit-posterior"], "No such option"),
+    (["no-such-command"], "No such command"),
+])
+def test_click_usage_errors_exit_2_with_one_line(args, fragment, tmp_path, capsys):
+    # In-process: main() is what the console script runs, and these fail before any work.
+    from mlcompress.cli import main
+
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+    assert lines[0].endswith("--help)") and "Traceback" not in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_click_usage_error_inside_another_exception_is_still_exit_2(monkeypatch, capsys):
+    # A usage error can surface as the context of another exception (a display torn down while
+    # it propagates); it is still the user's mistake, not an internal error.
+    import typer
+
+    import mlcompress.cli as cli
+
+    class Broken:
+        def main(self, **_: object) -> None:
+            try:
+                raise click.MissingParameter(param_type="option", param_hint="'--task'")
+            except click.UsageError:
+                raise RuntimeError("teardown failed")
+
+    monkeypatch.setattr(typer.main, "get_command", lambda app: Broken())
+    assert cli.main(["fit-posterior"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Missing option '--task'") and "internal error" not in err
 
 
 def test_encode_without_a_method_is_a_usage_error(work):
     proc = run("encode", "m.pt", "-o", "new.mrc", cwd=work)
-    assert_failed(proc, 2, "--lossless")
+    line = assert_failed(proc, 2, "--lossless", "bit-exact")
+    for flag in ("--bits-per-block", "--bits-per-weight", "--kl-budget", "--target-size"):  # REC, and how to size it
+        assert flag in line
     assert not (work / "new.mrc").exists()
 
 

@@ -17,6 +17,18 @@ from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, DEFAULT_MIN_REC
 from mlcompress.distributed import main_process, refuse_if_launched
 from mlcompress.errors import UsageError
 
+#: Said when no flag chooses a method: both families, and what each one is for.
+CHOOSE_A_METHOD = ("--lossless for a bit-exact file, about 1.2x smaller; or REC for a far smaller, lossy one: "
+                   "--bits-per-block C, at 2 bits per weight unless --bits-per-weight B; --target-size 40kB to size "
+                   "the whole file, or --kl-budget BITS; a fit-posterior file needs no flag")
+
+
+def _posterior_file(path: Path) -> bool:
+    """Whether ``path`` is fit-posterior's output, the one input that needs no method flag."""
+    from mlcompress.posterior.file import is_posterior_file  # reads safetensors: only when no flag was given
+
+    return path.is_file() and is_posterior_file(path)
+
 
 @app.command()
 def encode(
@@ -60,6 +72,8 @@ def encode(
     elif seed != 0 or min_rec_numel != DEFAULT_MIN_REC_NUMEL or task is not None or retrain_steps or group_size:
         # REC-only settings choose REC too; a posterior file needs no flag at all.
         method = api.Rec(seed=seed, min_rec_numel=min_rec_numel, device=device)
+    if method is None and model.exists() and not _posterior_file(model):
+        raise UsageError("choose how to encode", hint=CHOOSE_A_METHOD)
     if (task is not None or retrain_steps or group_size is not None) and lossless:
         raise UsageError("--task/--retrain-steps/--group-size are for progressive REC, not --lossless")
     if isinstance(method, api.Rec) and (task is not None or retrain_steps or group_size is not None):
