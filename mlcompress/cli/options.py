@@ -22,12 +22,12 @@ UnsafePickle = Annotated[
         "code: only for files you trust.",
     ),
 ]
-TaskName = Annotated[str, typer.Option("--task", help="Built-in task (lenet5, mlp-digits) or a plug-in package.module:factory.")]
-DataDir = Annotated[Optional[Path], typer.Option("--data", help="The task's data directory (lenet5: MNIST-format IDX files; default /usr/share/datasets/fashion-mnist).", file_okay=False)]
+TaskName = Annotated[str, typer.Option("--task", help="Built-in task (lenet5, lm, mlp-digits; lm takes options, e.g. lm:window=128, lm:model=DIR) or a plug-in package.module:factory.")]
+DataDir = Annotated[Optional[Path], typer.Option("--data", help="The task's data (lenet5: a directory of MNIST-format IDX files, default /usr/share/datasets/fashion-mnist; lm: a .txt file, or .jsonl with a \"text\" field per line).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; runs with the same seed are identical on the CPU.")]
 OptionalTask = Annotated[
     Optional[str],
-    typer.Option("--task", help="Built-in task (lenet5, mlp-digits) or plug-in package.module:factory. It is "
+    typer.Option("--task", help="Built-in task (lenet5, lm, mlp-digits; lm takes options, e.g. lm:window=128) or plug-in package.module:factory. It is "
                  "needed by quantize --method l2 and prune --finetune-steps; otherwise used to report "
                  "accuracy before and after."),
 ]

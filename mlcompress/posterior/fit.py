@@ -40,7 +40,7 @@ from mlcompress.posterior.budget import resolve_hash, target_blocks
 from mlcompress.posterior.pretrain import pretrain_tied
 from mlcompress.posterior.training_layout import TrainingLayout, training_layout
 from mlcompress.posterior.variational import VariationalModel, default_coded_names
-from mlcompress.tasks import Evaluation, Task, check_state_dict_fits, evaluate_outputs
+from mlcompress.tasks import Evaluation, Task, evaluate_outputs, load_task_model
 from mlcompress.tasks.training import steps_per_epoch
 
 CHECKPOINT_FORMAT = "mlcompress-fit-checkpoint"
@@ -181,10 +181,7 @@ def build_variational(
     device: torch.device,
 ) -> tuple[VariationalModel, TrainingLayout]:
     """The variational model of ``task`` started at the weights ``init``, with its block layout."""
-    check_state_dict_fits(task, init)
-    base = task.make_model()
-    reference = base.state_dict()
-    base.load_state_dict({name: tensor.to(reference[name].dtype) for name, tensor in init.items()})
+    base = load_task_model(task, init)  # checked first; tied tensors stay tied
     params = dict(base.named_parameters())
     coded = coded_names(config, base)
     unknown = [name for name in coded if name not in params]

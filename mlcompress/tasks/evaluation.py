@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mlcompress.device import resolve_device
-from mlcompress.tasks.protocol import Task
+from mlcompress.tasks.protocol import Task, summarized_metric
 
 EVAL_BATCH = 1000
 
@@ -37,7 +37,7 @@ def evaluate_outputs(task: Task, forward, device: torch.device) -> Evaluation:
         loss_sum += float(task.loss(outputs, targets)) * n
         metric_sum += float(task.metric(outputs, targets)) * n
         count += n
-    return Evaluation(loss_sum / count, metric_sum / count, task.metric_name, count)
+    return Evaluation(loss_sum / count, summarized_metric(task, metric_sum / count), task.metric_name, count)
 
 
 def evaluate_model(

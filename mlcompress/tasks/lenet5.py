@@ -87,7 +87,7 @@ def lenet5_task(data: Path | str | None = None) -> TensorTask:
         directory = Path(data)
         if not directory.is_dir():
             raise InputError(
-                f"data directory {directory} does not exist",
+                f"data directory {directory} does not exist or is not a directory",
                 hint="pass --data DIR with MNIST-format IDX files, or `apt-get install"
                 " dataset-fashion-mnist` and omit --data",
             )

@@ -44,6 +44,16 @@ class Task(Protocol):
       batches by their size, so the metric must be an average of per-example values.
     * ``calibration(n)`` -- ``n`` model inputs from the training set, the same ones every call,
       for post-training methods that need a small unlabelled sample.
+
+    Optional members (read through :func:`higher_is_better` and :func:`summarized_metric`, which
+    supply the defaults, so tasks written before them keep working):
+
+    * ``higher_is_better`` -- the metric's direction (default True, as for accuracy; False for
+      perplexity).
+    * ``summarize_metric(mean)`` -- the reported metric from the test-set mean of :meth:`metric`
+      (default: the mean itself). Perplexity needs it: it is ``exp`` of the mean per-token
+      cross-entropy, not a mean of per-batch perplexities, so the ``lm`` task's ``metric`` is
+      the cross-entropy and ``summarize_metric`` is ``exp``.
     """
 
     name: str
@@ -66,6 +76,17 @@ class Task(Protocol):
     def calibration(self, n: int) -> torch.Tensor: ...
 
 
+def higher_is_better(task: Task) -> bool:
+    """Whether a larger metric of ``task`` is better (tasks without the member: yes)."""
+    return bool(getattr(task, "higher_is_better", True))
+
+
+def summarized_metric(task: Task, mean: float) -> float:
+    """``task``'s reported metric for the test-set mean ``mean`` of its :meth:`~Task.metric`."""
+    summarize = getattr(task, "summarize_metric", None)
+    return float(mean) if summarize is None else float(summarize(mean))
+
+
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max class equals the target."""
     return (outputs.argmax(dim=-1) == targets).float().mean()
@@ -73,6 +94,10 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _identity(inputs: torch.Tensor) -> torch.Tensor:
     return inputs
+
+
+def _same(mean: float) -> float:
+    return mean
 
 
 @dataclass
@@ -93,6 +118,8 @@ class TensorTask:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     metric_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = accuracy
     metric_name: str = "accuracy"
+    higher_is_better: bool = True
+    metric_summary: Callable[[float], float] = _same
     batch_size: int = 128
     lr: float = 1e-3
     epochs: int = 3
@@ -135,6 +162,9 @@ class TensorTask:
 
     def metric(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.metric_fn(outputs, targets)
+
+    def summarize_metric(self, mean: float) -> float:
+        return self.metric_summary(mean)
 
     def calibration(self, n: int) -> torch.Tensor:
         """The first ``n`` training inputs of a fixed (seed 0) shuffle: a class-balanced-ish
