@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from mlcompress import api
@@ -19,12 +17,13 @@ from mlcompress.cli.output import Output
 from mlcompress.distributed import main_process
 from mlcompress.errors import UsageError
 
-_REFRESH_S = 0.25
 
-
-def _status_table(status) -> Table:
+def _status_table(update) -> Table | None:
+    """The live figures of a fit, below its bar on a terminal (the bar has the steps and rate)."""
+    status = update.info.get("status") if update.phase == "fit" else None
+    if status is None:
+        return None
     table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_row("step", f"{status.step:,} / {status.steps:,}  ({status.step / max(status.seconds, 1e-9):.1f} steps/s)")
     table.add_row("task loss", f"{status.loss_avg:.4f} (last 100 steps)")
     table.add_row(
         "KL per block",
@@ -86,44 +85,26 @@ def fit_posterior_command(
         checkpoint_every=checkpoint_every, min_rec_numel=min_rec_numel, hash=parse_hash(hash),
         pretrain_steps=pretrain_steps, target_size=parse_size(target_size) if target_size is not None else None,
     )
-    last_draw = [0.0]
 
-    def run(progress) -> dict:
-        return api.fit_posterior(task, init, output, config=config, data=data, checkpoint=checkpoint, resume=resume,
-                                 device=device, force=force, progress=progress)
+    def milestone(update) -> None:
+        """Off a terminal, each evaluation's figures as a line: the bar-less view of the table."""
+        status = update.info.get("status") if update.phase == "fit" else None
+        if status is not None and eval_every and status.step % eval_every == 0 and status.test is not None:
+            out.log(
+                f"step {status.step}/{status.steps}: task loss {status.loss_avg:.4f}, KL/block "
+                f"{status.kl_bits_min:.2f}..{status.kl_bits_max:.2f} bits (budget {status.budget_bits}), "
+                f"test {status.test.metric_name} {status.test.metric:.4f}"
+            )
 
-    if out.interactive:
-        with Live(console=out.err, transient=False, auto_refresh=False) as live:
+    with out.tracker(detail=_status_table) as progress:
 
-            def show(update) -> None:
-                if update.phase != "fit":
-                    if update.done == update.total or time.monotonic() - last_draw[0] >= _REFRESH_S:
-                        live.update(f"{update.phase}: {update.done:,}/{update.total:,} {update.unit}, loss {update.info.get('loss', float('nan')):.4f}", refresh=True)
-                        last_draw[0] = time.monotonic()
-                    return
-                status = update.info["status"]
-                now = time.monotonic()
-                if now - last_draw[0] >= _REFRESH_S or status.step == status.steps:
-                    live.update(_status_table(status), refresh=True)
-                    last_draw[0] = now
+        def receive(update) -> None:
+            progress(update)
+            if not (out.interactive or json):
+                milestone(update)
 
-            summary = run(show)
-    else:
-
-        def log(update) -> None:
-            if update.phase != "fit":
-                if update.done == update.total or (eval_every and update.done % eval_every == 0):
-                    out.log(f"{update.phase}: step {update.done}/{update.total}, loss {update.info.get('loss', float('nan')):.4f}")
-                return
-            status = update.info["status"]
-            if eval_every and status.step % eval_every == 0 and status.test is not None:
-                out.log(
-                    f"step {status.step}/{status.steps}: task loss {status.loss_avg:.4f}, KL/block "
-                    f"{status.kl_bits_min:.2f}..{status.kl_bits_max:.2f} bits (budget {status.budget_bits}), "
-                    f"test {status.test.metric_name} {status.test.metric:.4f}"
-                )
-
-        summary = run(None if json else log)
+        summary = api.fit_posterior(task, init, output, config=config, data=data, checkpoint=checkpoint,
+                                    resume=resume, device=device, force=force, progress=receive)
 
     def render(console: Console) -> None:
         name = summary["metric_name"]

@@ -1,7 +1,9 @@
 """The single place a command writes to: rich for people, one JSON object for machines.
 
-Results go to stdout; progress bars and logs go to stderr. Progress is shown only when stderr is
-a terminal and neither ``--json`` nor ``--quiet`` is given, so pipelines and CI logs stay clean.
+Results go to stdout; progress and logs go to stderr, never stdout. Progress is a bar per phase
+on a terminal and a plain line every ~10 s per phase otherwise (CI, nohup, pipes), and nothing
+with ``--json`` or ``--quiet`` (:mod:`mlcompress.cli.progress_display`). Written to a file or a
+pipe, lines are never wrapped or cut at 80 columns: logs and tables keep their natural width.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ import contextlib
 import json
 import math
 import sys
-import time
 from typing import Any, Callable, Iterator
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
+from rich.console import Console, RenderableType
 
+from mlcompress.cli.progress_display import Bars, LogLines, progress_interval
 from mlcompress.progress import Progress, Update
+
+#: Columns of stdout and stderr when they are not terminals: no table or line of ours comes near.
+PIPED_WIDTH = 100_000
 
 
 def _plain(value: Any) -> Any:
@@ -35,8 +38,8 @@ class Output:
     def __init__(self, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
-        self.out = Console(highlight=False)
-        self.err = Console(stderr=True, highlight=False)
+        self.out = _console(stderr=False)
+        self.err = _console(stderr=True)
 
     @property
     def interactive(self) -> bool:
@@ -56,35 +59,34 @@ class Output:
             render(self.out)
 
     @contextlib.contextmanager
-    def tracker(self) -> Iterator[Progress]:
-        """A receiver for the library's :class:`~mlcompress.progress.Update` s: one bar per
-        phase on an interactive stderr (rates measured over that phase alone), else nothing."""
-        if not self.interactive:
-            yield lambda update: None
-            return
-        bar = RichProgress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.err,
-            transient=True,
-        )
-        phases: dict[str, tuple[Any, float, float]] = {}
-        with bar:
-            def receive(update: Update) -> None:
-                if update.phase not in phases:
-                    task = bar.add_task(update.phase, total=update.total, rate="")
-                    phases[update.phase] = (task, time.perf_counter(), update.done)
-                task, started, first = phases[update.phase]
-                elapsed = time.perf_counter() - started
-                figures = [f"{(update.done - first) / elapsed:.1f} {update.unit}/s"] if update.unit and elapsed > 0.5 else []
-                figures += [f"{k} {v:.4g}" for k, v in update.info.items() if isinstance(v, float)]
-                bar.update(task, completed=update.done, total=update.total, rate=" ".join(figures))
+    def tracker(self, detail: Callable[[Update], RenderableType | None] | None = None) -> Iterator[Progress]:
+        """A receiver for the library's :class:`~mlcompress.progress.Update` s, each phase's rate
+        and ETA on its own clock: bars on an interactive stderr (``detail(update)`` may add a
+        live renderable below them), log lines on any other stderr, nothing with --json or
+        --quiet."""
+        if self.json_mode or self.quiet:
+            yield _ignore
+        elif self.interactive:
+            with Bars(self.err, detail) as bars:
+                yield bars
+        else:
+            yield LogLines(_stderr_line, progress_interval())
 
-            yield receive
+
+def _ignore(update: Update) -> None:
+    """The receiver when nothing may be shown."""
+
+
+def _stderr_line(line: str) -> None:
+    """A log line as it is: no markup, no wrapping, flushed at once (a log tailed while it runs)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _console(stderr: bool) -> Console:
+    """A console for stdout or stderr; off a terminal, wide enough that nothing wraps or is cut."""
+    width = None if Console(stderr=stderr).is_terminal else PIPED_WIDTH
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def human_bytes(n: float) -> str:
