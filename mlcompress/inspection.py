@@ -38,14 +38,34 @@ def inspect_file(path: Path) -> Report:
             "stored_bytes": rec.length,
             "bits_per_weight": (8.0 * rec.length / rec.numel) if rec.numel else 0.0,
         }
-        described = codecs.describe(rec)
+        described = {**codecs.describe(rec), **_grid(rec.params)}
         if described:
-            row["details"] = dict(described)
+            row["details"] = described
         rows.append(row)
         stored += rec.length
     details = {"format_version": mrc.version, "metadata": mrc.metadata, "rows": rows, "stored_bytes": stored,
                "overhead_bytes": mrc.file_size - stored}
     return Report.of(mrc, mrc.metadata.get("options", {}).get("method", "?"), 0.0, details)
+
+
+def _grid(params: dict[str, Any]) -> dict[str, Any]:
+    """How a quantized tensor shares its scales or steps, read off its group layout (``rows`` x
+    ``cols`` cut into groups of ``group`` columns): ``grid`` per-tensor, per-channel or group
+    (with ``group_size``), and the uniform grid's ``symmetric`` and L²'s ``edge``. These are
+    what ``--per-channel``, ``--group-size`` and ``--symmetric`` chose, which the codec's own
+    summary leaves out; empty for records without a layout."""
+    out: dict[str, Any] = {}
+    layout = [params.get(k) for k in ("rows", "cols", "group")]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in layout):
+        rows, cols, group = layout
+        out["grid"] = "group" if group < cols else "per-tensor" if rows == 1 else "per-channel"
+        if group < cols:
+            out["group_size"] = group
+    if isinstance(params.get("symmetric"), bool):
+        out["symmetric"] = params["symmetric"]
+    if isinstance(params.get("edge"), (int, float)) and not isinstance(params.get("edge"), bool):
+        out["edge"] = params["edge"]
+    return out
 
 
 def inspection_document(report: Report) -> dict[str, Any]:

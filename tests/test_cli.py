@@ -170,6 +170,43 @@ def test_inspect_table_for_people(encoded, capsys, monkeypatch):
         assert fragment in out
 
 
+def test_inspect_piped_keeps_long_names_and_shows_each_quant_grid(tmp_path):
+    import mlcompress
+
+    long = "transformer." + ".".join(f"block{i}" for i in range(16)) + ".attention.query_key_value.weight"
+    assert len(long) > 100
+    g = torch.Generator().manual_seed(0)
+    torch.save({long: torch.randn(32, 64, generator=g), "head.weight": torch.randn(16, 64, generator=g),
+                "bias": torch.zeros(16)}, tmp_path / "m.pt")
+    mlcompress.encode(tmp_path / "m.pt", tmp_path / "g.mrc", method=mlcompress.Quant(bits=4, group_size=16))
+    mlcompress.encode(tmp_path / "m.pt", tmp_path / "s.mrc",
+                      method=mlcompress.Quant(target_ratio=6, per_channel=True))
+    mlcompress.encode(tmp_path / "m.pt", tmp_path / "t.mrc", method=mlcompress.Quant(bits=3, symmetric=True))
+    expected = {"g.mrc": "4-bit uniform, asymmetric, groups of 16, 128 float16 scales",
+                "s.mrc": "entropy-constrained step, per channel, 32 steps",
+                "t.mrc": "3-bit uniform, symmetric, per tensor"}
+    for name, details in expected.items():
+        proc = run("inspect", name, cwd=tmp_path)  # stdout is a pipe, not a terminal
+        assert proc.returncode == 0, proc.stderr
+        rows = [line for line in proc.stdout.splitlines() if long in line]  # the whole name, on one line
+        assert len(rows) == 1 and details in rows[0], proc.stdout
+        assert "…" not in proc.stdout
+    proc = run("inspect", "g.mrc", "--json", cwd=tmp_path)
+    rows = {row["name"]: row for row in one_json(proc.stdout)["tensors"]}
+    assert rows[long]["details"] == {"scheme": "uniform", "bits": 4, "groups": 128, "scales": "float16",
+                                     "grid": "group", "group_size": 16, "symmetric": False}
+    assert "details" not in rows["bias"]
+
+
+def test_inspect_describes_l2_tensors():
+    from mlcompress.cli.inspect import _details
+    from mlcompress.inspection import _grid
+
+    assert _grid({"scheme": "l2", "edge": 0.00456, "step": 0.0123456}) == {"edge": 0.00456}  # no group layout
+    row = {"codec": "quant", "details": {"scheme": "l2", "step": 0.0123456, "edge": 0.00456}}
+    assert _details(row) == "L² dead zone, step 0.01235, edge 0.00456"
+
+
 def test_missing_file_with_json(tmp_path):
     proc = run("decode", "nope.mrc", "--json", cwd=tmp_path)
     assert_failed(proc, 1, "nope.mrc", "does not exist")

@@ -28,7 +28,30 @@ def _details(row: dict) -> str:
         if details.get("index_coding") == "entropy":
             text += ", entropy-coded"
         return text
+    if row.get("codec") == "quant":
+        return _quant_details(details)
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in details.items())
+
+
+def _quant_details(details: dict) -> str:
+    """A quantized tensor's grid in words: what --bits, --symmetric, --per-channel,
+    --group-size, --step or L² chose for it."""
+    scheme = details.get("scheme")
+    shared = {"group": f"groups of {details.get('group_size')}", "per-tensor": "per tensor",
+              "per-channel": "per channel"}.get(details.get("grid", ""), "")
+    if scheme == "uniform":
+        kind = "symmetric" if details.get("symmetric") else "asymmetric"
+        scales = f"{details['groups']:,} {details.get('scales', 'float32')} scales" if details.get("groups", 1) > 1 else ""
+        parts = [f"{details.get('bits')}-bit uniform, {kind}", shared, scales]
+    elif scheme == "step":
+        steps = f"{details['groups']:,} steps" if details.get("groups", 1) > 1 else ""
+        parts = ["entropy-constrained step", shared, steps]
+    elif scheme == "l2":
+        parts = [f"L² dead zone, step {details['step']:.4g}" if "step" in details else "L² dead zone",
+                 f"edge {details['edge']:.4g}" if "edge" in details else ""]
+    else:
+        parts = [f"{k}={v}" for k, v in details.items()]
+    return ", ".join(p for p in parts if p)
 
 
 @app.command()
@@ -44,11 +67,11 @@ def inspect(
     summary = inspection_document(report)
 
     def render(console: Console) -> None:
-        if not console.is_terminal:  # piped: rows at their natural width, never cut or wrapped
-            console = Console(width=1000, highlight=False)
+        # Piped, the console is wide enough for every row (cli/output.py); on a narrow terminal
+        # a long name folds onto more lines rather than losing its end.
         table = Table(title=str(container), show_footer=True)
         totals = summary["totals"]
-        table.add_column("tensor", footer=f"{totals['tensors']} tensors")
+        table.add_column("tensor", footer=f"{totals['tensors']} tensors", overflow="fold")
         table.add_column("codec", footer="+ header")
         table.add_column("shape")
         table.add_column("dtype")
