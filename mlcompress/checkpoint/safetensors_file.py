@@ -17,24 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mlcompress.container import shared_storage_aliases
+from mlcompress.checkpoint.safetensors_stream import check_storable
 from mlcompress.checkpoint.unreadable import unreadable
 from mlcompress.errors import CheckpointError
 
 ALIASES_KEY = "mlcompress.aliases"
-
-# The dtypes safetensors can store (float8 and unsigned types only where torch has them).
-_STORABLE = frozenset(
-    dtype
-    for dtype in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-        getattr(torch, "uint16", None), getattr(torch, "uint32", None),
-        getattr(torch, "uint64", None), getattr(torch, "float8_e4m3fn", None),
-        getattr(torch, "float8_e5m2", None),
-    )
-    if dtype is not None
-)  # fmt: skip
-
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The stored tensors of one file and its alias table (not yet applied).
@@ -64,13 +51,8 @@ def safetensors_payload(
     Each stored tensor is made a dense contiguous CPU tensor; one that partly overlaps another
     (two different views of one buffer) is copied, since safetensors cannot express overlap.
     """
-    header = _check_metadata(metadata)
     for name, tensor in tensors.items():
-        if tensor.dtype not in _STORABLE:
-            raise CheckpointError(
-                f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store",
-                hint="write a .pt file instead",
-            )
+        check_storable(name, tensor.dtype)
     aliases = shared_storage_aliases(tensors)
     stored: dict[str, torch.Tensor] = {}
     seen_storage: set[tuple] = set()
@@ -83,12 +65,20 @@ def safetensors_payload(
             tensor = tensor.clone()
         seen_storage.add(storage)
         stored[name] = tensor.to("cpu").contiguous()
+    return stored, header_metadata(metadata, aliases)
+
+
+def header_metadata(metadata: Mapping[str, str] | None, aliases: Mapping[str, str]) -> dict[str, str]:
+    """The ``__metadata__`` of a file: ``metadata`` (strings only; the alias key is reserved)
+    plus the alias table, when there are tied tensors."""
+    header = _check_metadata(metadata)
     if aliases:
-        header[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    return stored, header
+        header[ALIASES_KEY] = json.dumps(dict(aliases), sort_keys=True)
+    return header
 
 
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """``metadata`` as a new dict, refused unless it maps strings to strings without the alias key."""
     header = dict(metadata or {})
     for key, value in header.items():
         if not isinstance(key, str) or not isinstance(value, str):
