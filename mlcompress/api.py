@@ -131,9 +131,10 @@ def _decoded(mrc: Any, device: str, keep_dtype: bool, threads: int | None = None
 
     if not keep_dtype:
         return mrc.tensors(device=resolve_device(device), threads=threads)
-    from mlcompress.quant.stored_dtype import decode_stored_dtype
+    from mlcompress.checkpoint.mrc_tensors import decoded_dict, decoded_tensors, plan_decode
 
-    return decode_stored_dtype(mrc, device=resolve_device(device))
+    plan = plan_decode(mrc, keep_dtype=True)
+    return decoded_dict(plan, decoded_tensors(mrc, plan, device=resolve_device(device), threads=threads))
 
 
 def decode(source: str | os.PathLike | bytes, *, device: str = "cpu", keep_dtype: bool = False,
@@ -156,26 +157,33 @@ def decode_bytes(data: bytes, *, device: str = "cpu", keep_dtype: bool = False,
 
 
 def decode_file(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, force: bool = False,
-                device: str = "cpu", keep_dtype: bool = False, threads: int | None = None) -> Report:
+                device: str = "cpu", keep_dtype: bool = False, threads: int | None = None,
+                like: str | os.PathLike | None = None, max_shard_size: int | str | None = None,
+                progress: Progress | None = None) -> Report:
     """Decode ``src`` and save the weights to ``dst`` (default: ``src`` as ``.safetensors``).
 
-    The report's ``path`` is the written checkpoint; its sizes are those of the ``.mrc``, with
-    ``output_bytes`` among the details. Nothing is written unless every tensor decodes.
-    ``keep_dtype`` and ``threads`` are :func:`decode`'s.
+    ``dst`` ending in ``/`` (a string) or naming an existing directory writes a Hugging Face
+    model directory that ``from_pretrained`` loads: weights sharded at ``max_shard_size`` bytes
+    (an int or ``"2GB"``; default 50 GB, transformers' own), the ``config.json`` the ``.mrc``
+    keeps, and the tokenizer and other small files of ``like`` (the source model directory;
+    required when the ``.mrc`` keeps no config). A ``.safetensors`` file and directories are
+    written one tensor at a time (memory about the largest tensor, not the model); ``.pt`` is
+    decoded whole first. The report's ``path`` is what was written; its sizes are those of the
+    ``.mrc``, with ``output_bytes`` and ``output_files`` among the details. Nothing is written
+    unless every tensor decodes. ``keep_dtype`` and ``threads`` are :func:`decode`'s;
+    ``progress`` receives ``"decode"`` updates, in tensors.
     """
     start = time.perf_counter()
+    directory = dst is not None and (str(dst).endswith(("/", os.sep)) or Path(dst).is_dir())
+    shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     mrc = open_mrc(src)
-    from mlcompress.checkpoint import OUTPUT_SUFFIXES, save_checkpoint
-    from mlcompress.atomic import check_destination
+    from mlcompress.checkpoint import save_decoded
+    from mlcompress.device import resolve_device
 
     dst = Path(dst) if dst is not None else Path(src).with_suffix(".safetensors")
-    if dst.suffix not in OUTPUT_SUFFIXES:
-        raise InputError(f"cannot write {dst.name}: unknown output format", hint="use .safetensors or .pt")
-    check_destination(dst, force=force)
-    on_cpu: dict[int, Any] = {}  # keyed by tensor identity, so tied tensors stay one tensor
-    tensors = {k: on_cpu.setdefault(id(v), v.cpu()) for k, v in _decoded(mrc, device, keep_dtype, threads).items()}
-    save_checkpoint(tensors, dst, force=force)
-    details = {"input": str(src), "output_bytes": dst.stat().st_size}
+    out = save_decoded(mrc, dst, directory=directory, keep_dtype=keep_dtype, device=resolve_device(device),
+                       threads=threads, like=like, max_shard_size=shard_bytes, force=force, progress=progress)
+    details = {"input": str(src), "output_bytes": out.bytes, "output_files": [f.name for f in out.files]}
     return Report.of(mrc, mrc.metadata.get("options", {}).get("method", "?"), time.perf_counter() - start, details,
                      path=dst)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mlcompress.version import __version__
+from mlcompress.checkpoint.hf_output import FILES_KEY, stored_files
 from mlcompress.codecs import lossless3
 from mlcompress.container import EncodedTensor, encode_tensor
 from mlcompress.format.dtypes import dtype_name
@@ -21,13 +22,20 @@ def default_output(src: str | os.PathLike, suffix: str = ".mrc") -> Path:
     return src.with_name(src.name + suffix) if src.is_dir() else src.with_suffix(suffix)
 
 
-def base_metadata(src: str | os.PathLike | None, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Model-level header metadata every writer records: producer, source name (unless ``src``
-    is None: REC leaves it out, its header being most of a small file) and options."""
+def base_metadata(src: str | os.PathLike | None, options: Mapping[str, Any], *,
+                  record_source: bool = True) -> dict[str, Any]:
+    """Model-level header metadata every writer records: producer, source name (unless
+    ``record_source`` is false: REC leaves it out, its header being most of a small file) and
+    options; and, when ``src`` is a Hugging Face model directory, its ``config.json`` and
+    ``generation_config.json`` (``files``), so that a decode can rebuild a directory that
+    ``from_pretrained`` loads (docs/checkpoints.md gives what they cost)."""
     out: dict[str, Any] = {"producer": f"mlcompress {__version__}"}
-    if src is not None:
+    if src is not None and record_source:
         out["source"] = Path(src).name
     out["options"] = dict(options)
+    files = stored_files(Path(src)) if src is not None and Path(src).is_dir() else {}
+    if files:
+        out[FILES_KEY] = files
     return out
 
 

@@ -3,7 +3,8 @@
 Everything in mlcompress works on ``dict[str, torch.Tensor]``. :func:`load_checkpoint` produces
 one from PyTorch state-dict files, safetensors, TorchScript archives, Hugging Face model
 directories and ``.mrc`` containers; :func:`save_checkpoint` writes one as safetensors or a
-``.pt`` state dict. Formats are recognised by their first bytes, not by their names, since
+``.pt`` state dict, and :func:`save_decoded` decodes a ``.mrc`` into safetensors or a Hugging Face
+model directory one tensor at a time (:mod:`~mlcompress.checkpoint.safetensors_stream`). Formats are recognised by their first bytes, not by their names, since
 extensions such as ``.bin`` and ``.pt`` are used for several formats; the extension only breaks
 ties when the content matches no known signature (then the reader for that extension reports
 what is wrong with the file).
@@ -12,24 +13,37 @@ what is wrong with the file).
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import torch
 
 from mlcompress.atomic import atomic_output, check_destination
 from mlcompress.checkpoint.hf import find_weights, load_hf_directory
+from mlcompress.checkpoint.hf_output import (
+    DEFAULT_MAX_SHARD_SIZE,
+    WEIGHTS_METADATA,
+    check_directory_destination,
+    header_files,
+    like_files,
+    write_directory,
+)
+from mlcompress.checkpoint.mrc_tensors import decoded_dict, decoded_tensors, plan_decode
 from mlcompress.checkpoint.pickled import ZIP_MAGIC, load_torch_file, load_torchscript
 from mlcompress.checkpoint.safetensors_file import (
     ALIASES_KEY,
+    header_metadata,
     read_safetensors,
     safetensors_payload,
     write_safetensors,
 )
+from mlcompress.checkpoint.safetensors_stream import check_entries, stream_safetensors
 from mlcompress.checkpoint.tied import restore_aliases, tied_groups
-from mlcompress.container import open_mrc, shared_storage_aliases
+from mlcompress.container import MrcFile, open_mrc, shared_storage_aliases
 from mlcompress.format.header import MAGIC as MRC_MAGIC
-from mlcompress.errors import CheckpointError
+from mlcompress.errors import CheckpointError, InputError, UsageError
+from mlcompress.progress import Progress, report
 
 __all__ = [
     "ALIASES_KEY",
@@ -37,6 +51,7 @@ __all__ = [
     "checkpoint_format",
     "load_checkpoint",
     "save_checkpoint",
+    "save_decoded",
     "tied_groups",
 ]
 
@@ -203,3 +218,84 @@ def _torch_payload(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         else:
             payload[name] = tensor.detach().to("cpu")
     return payload
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What :func:`save_decoded` wrote: the output path and the files under it (one for a file)."""
+
+    path: Path
+    files: list[Path]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def save_decoded(mrc: MrcFile, dst: str | Path, *, directory: bool = False, keep_dtype: bool = False,
+                 device: Any = "cpu", threads: int | None = None, like: str | Path | None = None,
+                 max_shard_size: int | None = None, force: bool = False,
+                 progress: Progress | None = None) -> Decoded:
+    """Decode ``mrc`` into ``dst``, one tensor at a time where the format allows.
+
+    * ``directory``: a Hugging Face model directory (:mod:`mlcompress.checkpoint.hf_output`),
+      sharded at ``max_shard_size`` bytes, with the small files the ``.mrc`` keeps and those of
+      ``like`` (a model directory); without a stored ``config.json``, ``like`` is required.
+    * a ``.safetensors`` (or other non-``.pt``) file: streamed, its header written first from
+      the ``.mrc`` header and each tensor's bytes as soon as it is decoded, so memory stays
+      about one tensor whatever the model's size; ``{"format": "pt"}`` metadata for transformers.
+    * ``.pt``/``.pth``/``.bin``: a ``torch.save`` pickle, which serializes one object, so the
+      whole model is decoded in memory first (this format cannot stream).
+
+    Everything that can be checked (destination, ``like``, names, dtypes) is checked before
+    anything is decoded; the output appears complete or not at all. ``progress`` receives
+    ``"decode"`` updates, in tensors.
+    """
+    dst = Path(dst)
+    if directory:
+        check_directory_destination(dst, force=force)
+        copied = like_files(like) if like is not None else []
+        files = header_files(mrc.metadata, mrc.path)
+        if "config.json" not in files and like is None:
+            raise UsageError(f"{mrc.path.name} keeps no config.json (it was not encoded from a Hugging Face model "
+                             "directory), which from_pretrained needs",
+                             hint="pass --like DIR (like=DIR), the model directory it came from")
+    elif like is not None or max_shard_size is not None:
+        raise UsageError("--like and --max-shard-size are for a model directory output",
+                         hint="end -o with / to write a Hugging Face model directory")
+    elif dst.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InputError(f"cannot write {dst.name}: unknown output format",
+                         hint="use .safetensors or .pt, or end -o with / for a Hugging Face model directory")
+    plan = plan_decode(mrc, keep_dtype=keep_dtype)
+    torch_file = not directory and dst.suffix.lower() in _TORCH_SUFFIXES
+    if not torch_file:
+        check_entries(plan.entries)  # safetensors can hold them: refused before a file exists
+    total = len(plan.entries)
+    done = 0
+
+    def written(name: str) -> None:
+        nonlocal done
+        done += 1
+        report(progress, "decode", done, total, "tensors")
+
+    report(progress, "decode", 0, total, "tensors")
+    tensors = decoded_tensors(mrc, plan, device=device, threads=threads)
+    if directory:
+        shard_size = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
+        write_directory(dst, plan.entries, tensors, aliases=plan.aliases, files=files, like=copied,
+                        max_shard_size=shard_size, force=force, written=written)
+        return Decoded(dst, sorted(p for p in dst.iterdir() if p.is_file()))
+    if torch_file:
+        check_destination(dst, force=force)
+
+        def on_cpu() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in tensors:
+                yield name, tensor.cpu()
+                written(name)
+
+        save_checkpoint(decoded_dict(plan, on_cpu()), dst, force=force)
+        return Decoded(dst, [dst])
+    with atomic_output(dst, force=force) as tmp:
+        with stream_safetensors(tmp, plan.entries, header_metadata(WEIGHTS_METADATA, plan.aliases)) as stream:
+            stream.write_from(tensors, written)
+    return Decoded(dst, [dst])

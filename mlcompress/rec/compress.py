@@ -162,8 +162,8 @@ def _prepare(src: str | os.PathLike, dst: str | os.PathLike | None, options: Rec
         if tensors is None:
             tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
 
-    # The bits, seeds and selection are in the records; a REC header keeps only the method.
-    metadata = base_metadata(None, {"method": "rec"})
+    # The bits, seeds and selection are in the records; a REC header keeps only the method (and a model directory's config).
+    metadata = base_metadata(src, {"method": "rec"}, record_source=False)
     aliases: dict[str, str] = {}
     if posterior is not None:
         order = list(posterior.tensors) + list(posterior.fixed)
