@@ -97,10 +97,11 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
                                           per_channel=method.per_channel, group_size=method.group_size,
                                           step=method.step, target_ratio=method.target_ratio,
                                           allocation=method.allocation, rdo_lambda=method.rdo_lambda,
-                                          task=method.task, data=method.data, device=method.device)
+                                          task=method.task, data=method.data, device=method.device,
+                                          select=method.select)
         elif isinstance(method, Float):
             kwargs = dict(method="float", float_format=method.format, per_channel=method.per_channel,
-                          task=method.task, data=method.data, device=method.device)
+                          task=method.task, data=method.data, device=method.device, select=method.select)
         else:
             kwargs = dict(method="l2", task=method.task, data=method.data, target_ratio=method.target_ratio,
                           calib_samples=method.calib_samples, kernel=method.kernel, seed=method.seed,

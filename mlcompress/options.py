@@ -20,12 +20,21 @@ from mlcompress.codecs.quant.uniform import check_bits, level_range
 from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_WEIGHT, DEFAULT_MIN_REC_NUMEL, INDEX_CODING_CHOICES,
                                           SELECTIONS, check_bits_per_block)
 from mlcompress.errors import UsageError
+from mlcompress.selection import Selection
 
 
 #: The fixed-width grid's default bit width.
 DEFAULT_BITS = 8
 #: How ``--step``/``--target-ratio`` spread steps over tensors (mlcompress/quant/rate.py).
 ALLOCATIONS = ("auto", "norm", "equal")
+
+
+def _fields(options: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``asdict`` of a method's options for file metadata, its tensor selection flattened into
+    ``include``/``exclude`` and left out when it selects everything (old headers unchanged)."""
+    out = {k: v for k, v in asdict(options).items() if k not in drop and k != "select"}
+    out.update(options.select.as_dict())
+    return out
 
 
 def _positive(value: float | None, flag: str) -> None:
@@ -73,6 +82,7 @@ class Rec:
     retrain_steps: int = 0
     group_size: int | None = None  # blocks per group; default: half of the blocks still free each time
     retrain_lr: float | None = None  # default: a tenth of fit-posterior's for the parameterization
+    select: Selection = Selection()  # --include/--exclude: which tensors REC codes (the rest: lossless)
 
     @property
     def progressive(self) -> bool:
@@ -87,6 +97,7 @@ class Rec:
         return self.bits_per_weight if self.bits_per_weight is not None else DEFAULT_BITS_PER_WEIGHT
 
     def validate(self) -> None:
+        self.select.validate()
         if self.bits_per_block is not None:
             check_bits_per_block(self.bits_per_block)
         given = [x for x in (self.bits_per_weight, self.kl_budget_bits, self.target_size) if x is not None]
@@ -118,7 +129,7 @@ class Rec:
             raise UsageError("--retrain-lr must be positive")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _fields(self)
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,7 @@ class Quant:
     task: str | None = None  # optional: report the task's metric before and after
     data: str | None = None
     device: str = "auto"
+    select: Selection = Selection()  # --include/--exclude: which tensors are quantized (the rest: lossless)
 
     @property
     def entropy_constrained(self) -> bool:
@@ -157,6 +169,7 @@ class Quant:
         return DEFAULT_BITS if self.bits is None else self.bits
 
     def validate(self) -> None:
+        self.select.validate()
         if self.per_channel and self.group_size is not None:
             raise UsageError("--per-channel and --group-size contradict each other",
                              hint="groups are already inside each channel: give one of them")
@@ -185,9 +198,9 @@ class Quant:
     def as_dict(self) -> dict[str, Any]:
         if self.entropy_constrained:
             keys = ("step", "target_ratio", "allocation", "rdo_lambda", "per_channel", "group_size")
-            return {"method": "step", **{k: getattr(self, k) for k in keys}}
+            return {"method": "step", **{k: getattr(self, k) for k in keys}, **self.select.as_dict()}
         d = {k: v for k, v in asdict(self).items() if k in ("symmetric", "per_channel", "group_size")}
-        return {"method": "uniform", "bits": self.resolved_bits, **d}
+        return {"method": "uniform", "bits": self.resolved_bits, **d, **self.select.as_dict()}
 
 
 def check_target_ratio(ratio: object) -> None:
@@ -235,13 +248,15 @@ class Float:
     task: str | None = None  # optional: report the task's metric before and after
     data: str | None = None
     device: str = "auto"
+    select: Selection = Selection()  # --include/--exclude: which tensors are converted (the rest: lossless)
 
     def validate(self) -> None:
+        self.select.validate()
         if not float_format(self.format).scaled and self.per_channel:
             raise UsageError(f"--per-channel applies to the fp8 formats; {self.format} has no scale")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": "float", "format": self.format, "per_channel": self.per_channel}
+        return {"method": "float", "format": self.format, "per_channel": self.per_channel, **self.select.as_dict()}
 
 
 @dataclass(frozen=True)
@@ -266,8 +281,10 @@ class Prune:
     bits: int | None = None
     seed: int = 0
     device: str = "auto"
+    select: Selection = Selection()  # --include/--exclude: which tensors are pruned (the rest: lossless)
 
     def validate(self) -> None:
+        self.select.validate()
         check_sparsity(self.sparsity)
         if self.criterion not in self.CRITERIA:
             raise UsageError(f"unknown pruning criterion {self.criterion!r}", hint=f"use one of: {', '.join(self.CRITERIA)}")
@@ -281,7 +298,7 @@ class Prune:
             check_bits(self.bits)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _fields(self)
 
 
 Method = Lossless | Rec | Quant | L2 | Float | Prune

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlcompress"
 
 LAYERS: list[set[str]] = [
     {"errors", "lazy", "progress", "version"},
-    {"atomic", "device", "distributed", "workers"},
+    {"atomic", "device", "distributed", "selection", "workers"},
     {"format"},
     {"codecs"},
     {"container", "options"},

@@ -36,23 +36,13 @@ from mlcompress.checkpoint import checkpoint_format
 from mlcompress.checkpoint.hf import find_weights, load_hf_directory, read_weight_map, shard_paths
 from mlcompress.checkpoint.pickled import load_torch_file, load_torchscript
 from mlcompress.checkpoint.safetensors_file import ALIASES_KEY, parse_aliases
+from mlcompress.checkpoint.safetensors_stream import DTYPE_CODES
 from mlcompress.container import open_mrc, shared_storage_aliases
 from mlcompress.errors import CheckpointError
 from mlcompress.format.dtypes import torch_dtype
 
 #: safetensors' dtype names (its format specification) and the torch dtypes they hold.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    name: dtype
-    for name, dtype in (
-        ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
-        ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8),
-        ("U8", torch.uint8), ("BOOL", torch.bool), ("C64", torch.complex64),
-        ("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
-        ("U64", getattr(torch, "uint64", None)),
-        ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)), ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
-    )
-    if dtype is not None
-}  # fmt: skip
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 @dataclass(frozen=True)
@@ -116,6 +106,35 @@ class TensorSource:
         """Every tensor, ties restored as one object, as :func:`load_checkpoint` returns them."""
         stored = {name: self.get(name) for name in self.stored}
         return {name: stored[self.aliases.get(name, name)] for name in self.names}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Every name's header entry (an alias's is its stored tensor's), in order: what code
+        that decides from dtypes and shapes alone takes instead of the tensors."""
+        return {name: self.info(name) for name in self.names}
+
+    def view(self) -> "LazyTensors":
+        """The source as a read-only mapping that reads a tensor each time it is looked up, for
+        code written against a dict of tensors that looks at one tensor at a time. Ties are not
+        visible through it (each lookup is a fresh tensor): use :attr:`aliases`."""
+        return LazyTensors(self)
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """See :meth:`TensorSource.view`."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self._source = source
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._source.names:
+            raise KeyError(name)
+        return self._source.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source.names)
+
+    def __len__(self) -> int:
+        return len(self._source.names)
 
 
 class _Loaded(TensorSource):

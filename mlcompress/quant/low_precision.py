@@ -14,7 +14,7 @@ The rule follows what practitioners mean by each format (docs/quantize.md):
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -25,18 +25,20 @@ from mlcompress.quant.plan import Plan, is_quantizable
 
 def converts(tensor: torch.Tensor, fmt: low_precision.FloatFormat) -> bool:
     """Whether ``--float fmt`` converts ``tensor`` (see the module docstring)."""
-    if not torch.is_floating_point(tensor) or str(tensor.dtype).removeprefix("torch.") not in fmt.sources:
+    if not tensor.dtype.is_floating_point or str(tensor.dtype).removeprefix("torch.") not in fmt.sources:
         return False
     return is_quantizable(tensor) if fmt.scaled else True
 
 
-def float_plan(tensors: Mapping[str, torch.Tensor], format_name: str, *, per_channel: bool = False) -> Plan:
-    """``float`` for the tensors the format converts, ``lossless`` for the rest; fp8 tensors
-    with NaN or infinite values are an :class:`InputError` naming the first of them."""
+def float_plan(tensors: Mapping[str, torch.Tensor], format_name: str, *, per_channel: bool = False,
+               select: Callable[[str], bool] | None = None) -> Plan:
+    """``float`` for the tensors the format converts (and ``select`` keeps), ``lossless`` for
+    the rest; fp8 tensors with NaN or infinite values are an :class:`InputError` naming the
+    first of them."""
     fmt = low_precision.float_format(format_name)
     plan: Plan = {}
     for name, tensor in tensors.items():
-        if not converts(tensor, fmt):
+        if not converts(tensor, fmt) or (select is not None and not select(name)):
             plan[name] = ("lossless", {})
             continue
         if fmt.scaled and not bool(torch.isfinite(tensor.to(torch.float32)).all()):

@@ -13,16 +13,17 @@ actual payloads, never from nominal widths.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from mlcompress.assembly import smallest_lossless
-from mlcompress.container import encode_entries, encode_tensor, open_mrc, write_encoded
+from mlcompress.container import EncodedTensor, encode_entries, encode_tensor, open_mrc, write_encoded
 
 MIN_QUANT_NUMEL = 64
 #: Codecs whose payloads are the quantized (lossy) tensors a file's bits per weight are about.
@@ -30,28 +31,36 @@ LOSSY_CODECS = ("quant", "float")
 Plan = dict[str, tuple[str, dict[str, Any]]]
 
 
-def is_quantizable(tensor: torch.Tensor) -> bool:
-    """Conv/linear-style weights: floating point, >= 2 dims, >= MIN_QUANT_NUMEL elements."""
-    return torch.is_floating_point(tensor) and tensor.dim() >= 2 and tensor.numel() >= MIN_QUANT_NUMEL
+def is_quantizable(tensor: Any) -> bool:
+    """Conv/linear-style weights: floating point, >= 2 dims, >= MIN_QUANT_NUMEL elements.
+
+    Judged from ``dtype`` and ``shape`` alone, so a streaming source's header entry
+    (:class:`~mlcompress.checkpoint.source.TensorInfo`) answers without reading the tensor.
+    """
+    return tensor.dtype.is_floating_point and len(tensor.shape) >= 2 and math.prod(tensor.shape) >= MIN_QUANT_NUMEL
 
 
-def quantizable_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    return [name for name, t in tensors.items() if is_quantizable(t)]
+def quantizable_names(tensors: Mapping[str, Any], select: Callable[[str], bool] | None = None) -> list[str]:
+    """The names quantization takes: quantizable tensors, narrowed by ``select``
+    (:meth:`mlcompress.selection.Selection.resolve`) when given."""
+    return [name for name, t in tensors.items() if is_quantizable(t) and (select is None or select(name))]
 
 
 def uniform_plan(
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, Any],
     bits: int,
     *,
     symmetric: bool = False,
     per_channel: bool = False,
     group_size: int | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> Plan:
-    """``quant`` (uniform) for quantizable tensors, ``lossless`` for the rest."""
+    """``quant`` (uniform) for the :func:`quantizable_names`, ``lossless`` for the rest.
+    ``tensors`` may hold header entries instead of tensors (only dtypes and shapes are read)."""
     options = {"scheme": "uniform", "bits": bits, "symmetric": symmetric, "per_channel": per_channel,
                "group_size": group_size}
-    return {name: (("quant", dict(options)) if is_quantizable(t) else ("lossless", {}))
-            for name, t in tensors.items()}
+    chosen = set(quantizable_names(tensors, select))
+    return {name: (("quant", dict(options)) if name in chosen else ("lossless", {})) for name in tensors}
 
 
 @dataclass
@@ -106,15 +115,21 @@ def write_plan(
     if path is None:
         with tempfile.TemporaryDirectory(prefix="mlcompress-size-") as tmp:
             return write_plan(Path(tmp) / "model.mrc", tensors, plan, metadata)
+    write_encoded(path, encode_entries(tensors, plan_encoder(plan)), metadata, force=force)
+    return measure_file(path)
 
-    def encode_one(name: str, tensor: torch.Tensor):
+
+def plan_encoder(plan: Plan) -> Callable[[str, torch.Tensor], EncodedTensor]:
+    """Encodes one tensor as ``plan`` says; tensors planned ``lossless`` are stored by the
+    lossless codec or, when that is not smaller (tiny biases), ``raw``, the same rule as
+    ``mlcompress encode --lossless``."""
+    def encode_one(name: str, tensor: torch.Tensor) -> EncodedTensor:
         codec, options = plan[name]
         if codec == "lossless":
             return smallest_lossless(name, tensor)
         return encode_tensor(name, tensor, codec, options)
 
-    write_encoded(path, encode_entries(tensors, encode_one), metadata, force=force)
-    return measure_file(path)
+    return encode_one
 
 
 def measure_file(path: str | os.PathLike) -> FileSize:

@@ -16,6 +16,12 @@ Everything that can be wrong with the inputs (bit width, ratio, task/checkpoint 
 calibration set, existing outputs) is checked before anything is written; files are written
 atomically. The reported sizes are read back from the written file.
 
+Streaming (docs/scale.md): the data-free methods that need no whole-model search -- ``--bits``,
+``--step`` and ``--float``, without ``--task`` or ``--safetensors`` -- read the checkpoint one
+tensor at a time and spool each payload as it is encoded, so memory is bounded by the largest
+tensor (:func:`_quantize_streaming`). ``--target-ratio`` sizes trial files of the whole model,
+and a task evaluates the whole model, so those hold it in memory.
+
 Under torchrun only ``l2`` runs, data-parallel (:func:`mlcompress.quant.calibrate.l2_compress`):
 every process reads the checkpoint and calibration data and trains on its share of each batch;
 process 0 alone checks the destinations, evaluates, writes and reads back the files, and sends
@@ -37,19 +43,22 @@ import torch
 from mlcompress.assembly import base_metadata, default_output
 from mlcompress.atomic import check_destination
 from mlcompress.checkpoint import load_checkpoint, save_checkpoint
+from mlcompress.checkpoint.source import open_source
 from mlcompress.codecs.quant import step as step_grid
 from mlcompress.codecs.quant import uniform
 from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA
-from mlcompress.container import open_mrc
+from mlcompress.container import open_mrc, shared_storage_aliases, write_stream
 from mlcompress.device import resolve_device
 from mlcompress.distributed import SINGLE, join, refuse_if_launched
 from mlcompress.errors import InputError, UsageError
 from mlcompress.options import L2, Float, Quant
-from mlcompress.progress import Progress
+from mlcompress.progress import Progress, report
 from mlcompress.quant.calibrate import L2Config, l2_compress
+from mlcompress.codecs.low_precision import float_format as low_precision_format
 from mlcompress.quant.low_precision import dequantize_float, float_plan
-from mlcompress.quant.rate import resolve_allocation, search_step, step_plan
-from mlcompress.quant.plan import LOSSY_CODECS, FileSize, Plan, uniform_plan, write_plan
+from mlcompress.quant.rate import resolve_allocation, search_step, step_factors, step_plan
+from mlcompress.quant.plan import LOSSY_CODECS, FileSize, Plan, measure_file, plan_encoder, uniform_plan, write_plan
+from mlcompress.selection import Selection
 from mlcompress.report import Report
 from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
 
@@ -81,11 +90,11 @@ def _metadata(src: Path, options: dict[str, Any], task_obj, before, after) -> di
 
 
 def _step_plan(tensors: dict[str, torch.Tensor], quant: Quant,
-               metadata_for: Callable[[float], dict[str, Any]]) -> tuple[Plan, float]:
+               metadata_for: Callable[[float], dict[str, Any]], select: Callable[[str], bool]) -> tuple[Plan, float]:
     """The entropy-constrained plan: the given step, or the one searched for the target ratio
     (each trial file carries the header the real file will have, so tiny models land too)."""
     kwargs = dict(allocation=quant.allocation, per_channel=quant.per_channel, group_size=quant.group_size,
-                  lam=quant.rdo_lambda)
+                  lam=quant.rdo_lambda, select=select)
     if quant.step is not None:
         return step_plan(tensors, quant.step, **kwargs), quant.step
     with tempfile.TemporaryDirectory(prefix="mlcompress-rate-") as tmp:
@@ -149,18 +158,24 @@ def quantize_checkpoint(
     force: bool = False,
     unsafe_pickle: bool = False,
     seed: int = 0,
+    select: Selection = Selection(),
     progress: Progress | None = None,
 ) -> Report:
-    """Quantize the checkpoint at ``src``; the report adds accuracy before/after and sparsity."""
+    """Quantize the checkpoint at ``src``; the report adds accuracy before/after and sparsity.
+    ``select`` (``--include``/``--exclude``) narrows which tensors are quantized; the others
+    are stored losslessly."""
     start = time.perf_counter()
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}", hint=f"use one of: {', '.join(METHODS)}")
     if method == "uniform":
         quant = Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size, step=step,
-                      target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda)
+                      target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda, select=select)
         quant.validate()
     elif method == "float":
-        Float(format=float_format, per_channel=per_channel).validate()
+        Float(format=float_format, per_channel=per_channel, select=select).validate()
+    elif select.narrows:
+        raise UsageError("--include/--exclude apply to data-free quantization (--bits, --step, --target-ratio) and "
+                         "--float", hint="L² trains the transform of every conv/linear weight together")
     else:
         target_ratio = L2.target_ratio if target_ratio is None else target_ratio
         L2(task=task or "", target_ratio=target_ratio, calib_samples=calib_samples, kernel=kernel).validate()
@@ -173,6 +188,12 @@ def quantize_checkpoint(
     world = join(device) if method == "l2" else SINGLE
     dev = resolve_device(device)
     src = Path(src)
+    if task is None and safetensors is None and (method == "float" or (method == "uniform" and target_ratio is None)):
+        dst, _ = _outputs(src, output, None, force)
+        options_obj = quant if method == "uniform" else Float(format=float_format, per_channel=per_channel,
+                                                              select=select)
+        return _quantize_streaming(src, dst, options_obj, force=force, unsafe_pickle=unsafe_pickle,
+                                   progress=progress, start=start)
     with world.guard():  # a bad input seen by one process only stops all, one line each
         dst, st = _outputs(src, output, safetensors, force, check=world.is_main)
         tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
@@ -182,6 +203,7 @@ def quantize_checkpoint(
             check_state_dict_fits(task_obj, tensors)
         summary: dict[str, Any] = {"input": str(src)}
         before = _evaluate(task_obj, tensors, dev) if task_obj is not None and world.is_main else None
+        chosen = select.resolve(tensors, shared_storage_aliases(tensors))
 
     if method == "uniform" and quant.entropy_constrained:
         # ``auto`` is resolved here, once, so the header and the report name the rule that ran.
@@ -191,21 +213,21 @@ def quantize_checkpoint(
             # not known yet (metric_before stands in: a number of the same kind).
             return _metadata(src, dict(quant.as_dict(), step=trial_step), task_obj, before, before)
 
-        plan, chosen_step = _step_plan(tensors, quant, trial_metadata)
+        plan, chosen_step = _step_plan(tensors, quant, trial_metadata, chosen)
         options = dict(quant.as_dict(), step=chosen_step)
         to_store, dequantized = tensors, dequantize_uniform(tensors, plan)
         summary.update(options)
         _sparsity(summary, tensors, plan, dequantized)
     elif method == "uniform":
         plan = uniform_plan(tensors, quant.resolved_bits, symmetric=symmetric, per_channel=per_channel,
-                            group_size=group_size)
+                            group_size=group_size, select=chosen)
         options = quant.as_dict()
         to_store, dequantized = tensors, dequantize_uniform(tensors, plan)
         summary.update(options)
         _sparsity(summary, tensors, plan, dequantized)
     elif method == "float":
-        plan = float_plan(tensors, float_format, per_channel=per_channel)
-        options = Float(format=float_format, per_channel=per_channel).as_dict()
+        plan = float_plan(tensors, float_format, per_channel=per_channel, select=chosen)
+        options = Float(format=float_format, per_channel=per_channel, select=select).as_dict()
         to_store, dequantized = tensors, dequantize_float(tensors, plan)
         summary.update(options)
     else:
@@ -237,3 +259,45 @@ def quantize_checkpoint(
                                 "metric_after": after})
             report = Report.of(open_mrc(dst), options["method"], time.perf_counter() - start, summary)
     return world.broadcast(report)
+
+
+def _quantize_streaming(src: Path, dst: Path, options: Quant | Float, *, force: bool, unsafe_pickle: bool,
+                        progress: Progress | None, start: float) -> Report:
+    """``--bits``, ``--step`` or ``--float`` one tensor at a time (the plan comes from the
+    header's dtypes and shapes; ``--step``'s norm allocation and fp8's finiteness check read each
+    tensor once beforehand), each payload spooled as it is produced. The file is the one the
+    in-memory path writes for the same options, byte for byte."""
+    source = open_source(src, unsafe_pickle=unsafe_pickle)
+    chosen = options.select.resolve(source.names, source.aliases)
+    infos = source.infos()
+    if isinstance(options, Float):
+        fmt = low_precision_format(options.format)
+        plan = float_plan(source.view() if fmt.scaled else infos, options.format, per_channel=options.per_channel,
+                          select=chosen)
+    elif options.step is not None:
+        options = dataclasses.replace(options, allocation=resolve_allocation(infos, options.allocation))
+        factors = step_factors(source.view() if options.allocation == "norm" else infos, options.allocation, chosen)
+        plan = step_plan(infos, options.step, per_channel=options.per_channel, group_size=options.group_size,
+                         lam=options.rdo_lambda, factors=factors)
+    else:
+        plan = uniform_plan(infos, options.resolved_bits, symmetric=options.symmetric,
+                            per_channel=options.per_channel, group_size=options.group_size, select=chosen)
+    as_dict = options.as_dict()
+    encode = plan_encoder(plan)
+    zeros = quantized = 0
+
+    def encode_one(name: str, tensor: torch.Tensor):
+        nonlocal zeros, quantized
+        if plan[name][0] == "quant":  # sparsity: zeros of what a decoder rebuilds
+            zeros += int((dequantize_uniform({name: tensor}, {name: plan[name]})[name] == 0).sum())
+            quantized += tensor.numel()
+        return encode(name, tensor)
+
+    write_stream(dst, source, encode_one, _metadata(src, as_dict, None, None, None), force=force,
+                 progress=lambda done, total: report(progress, "quantize", done / 1e6, total / 1e6, "MB"))
+    summary: dict[str, Any] = {"input": str(src), **as_dict}
+    if isinstance(options, Quant):
+        summary["sparsity"] = zeros / max(quantized, 1)
+    summary.update(measure_file(dst).as_dict())
+    summary["quantized_tensors"] = sum(1 for c, _ in plan.values() if c in LOSSY_CODECS)
+    return Report.of(open_mrc(dst), as_dict["method"], time.perf_counter() - start, summary)

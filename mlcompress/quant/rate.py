@@ -48,7 +48,7 @@ from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA
 from mlcompress.codecs.quant.step import check_step, estimated_payload_bytes, step_quantize
 from mlcompress.errors import UsageError
 from mlcompress.options import ALLOCATIONS, check_target_ratio
-from mlcompress.quant.plan import FileSize, Plan, is_quantizable
+from mlcompress.quant.plan import FileSize, Plan, quantizable_names
 
 SEARCH_ITERATIONS = 40
 #: Real-file trials when the estimate misses: widening the bracket, then bisecting in it.
@@ -75,14 +75,16 @@ def resolve_allocation(tensors: Mapping[str, torch.Tensor], allocation: str) -> 
         return allocation
     names = list(tensors)
     has_batchnorm = any(n.endswith(".running_mean") for n in names)
-    has_norm = any(_NORM_NAME.search(n) and tensors[n].dim() == 1 for n in names)
+    has_norm = any(_NORM_NAME.search(n) and len(tensors[n].shape) == 1 for n in names)
     return "equal" if has_norm and not has_batchnorm else "norm"
 
 
-def step_factors(tensors: Mapping[str, torch.Tensor], allocation: str = "auto") -> dict[str, float]:
-    """Each quantizable tensor's step relative to the given ``--step`` (the largest is 1)."""
+def step_factors(tensors: Mapping[str, torch.Tensor], allocation: str = "auto",
+                 select: Callable[[str], bool] | None = None) -> dict[str, float]:
+    """Each quantized tensor's step relative to the given ``--step`` (the largest is 1): the
+    :func:`~mlcompress.quant.plan.quantizable_names`, narrowed by ``select``."""
     allocation = resolve_allocation(tensors, allocation)
-    names = [n for n, t in tensors.items() if is_quantizable(t)]
+    names = quantizable_names(tensors, select)
     if allocation == "equal":
         return {n: 1.0 for n in names}
     norms = {n: float(torch.linalg.vector_norm(tensors[n].detach().double())) for n in names}
@@ -92,10 +94,11 @@ def step_factors(tensors: Mapping[str, torch.Tensor], allocation: str = "auto") 
 
 def step_plan(tensors: Mapping[str, torch.Tensor], step: float, *, allocation: str = "auto",
               per_channel: bool = False, group_size: int | None = None, lam: float = DEFAULT_LAMBDA,
-              factors: Mapping[str, float] | None = None) -> Plan:
-    """``quant`` with the ``step`` scheme for quantizable tensors, ``lossless`` for the rest."""
+              factors: Mapping[str, float] | None = None, select: Callable[[str], bool] | None = None) -> Plan:
+    """``quant`` with the ``step`` scheme for the tensors of ``factors`` (default: the
+    :func:`step_factors` of the quantizable tensors ``select`` keeps), ``lossless`` for the rest."""
     check_step(step)
-    factors = factors if factors is not None else step_factors(tensors, allocation)
+    factors = factors if factors is not None else step_factors(tensors, allocation, select)
     options = {"scheme": "step", "per_channel": per_channel, "group_size": group_size, "lam": float(lam)}
     return {name: (("quant", dict(options, step=float(step) * factors[name])) if name in factors else ("lossless", {}))
             for name in tensors}
@@ -116,6 +119,7 @@ def search_step(
     per_channel: bool = False,
     group_size: int | None = None,
     lam: float = DEFAULT_LAMBDA,
+    select: Callable[[str], bool] | None = None,
 ) -> tuple[float, Plan, FileSize]:
     """The global step whose file is ``fp32 bytes / target_ratio`` bytes, its plan and its size.
 
@@ -124,10 +128,10 @@ def search_step(
     bigger than the target, or the finest step is still too small a ratio).
     """
     check_target_ratio(target_ratio)
-    names = [n for n, t in tensors.items() if is_quantizable(t)]
+    names = quantizable_names(tensors, select)
     if not names:
         raise UsageError("--target-ratio: the model has no tensor to quantize (conv/linear weights)")
-    factors = step_factors(tensors, allocation)
+    factors = step_factors(tensors, allocation, select)
     quantizer: dict[str, Any] = {"per_channel": per_channel, "group_size": group_size, "lam": lam}
     kwargs: dict[str, Any] = dict(quantizer, factors=factors)
 
