@@ -10,12 +10,13 @@ import typer
 from rich.console import Console
 
 from mlcompress import api
-from mlcompress.cli import options
+from mlcompress.cli import options, select
 from mlcompress.cli.app import app
 from mlcompress.cli.output import Output, human_bytes
 from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, DEFAULT_MIN_REC_NUMEL, MAX_BITS_PER_BLOCK
 from mlcompress.distributed import main_process, refuse_if_launched
 from mlcompress.errors import UsageError
+from mlcompress.selection import selection_of
 
 #: Said when no flag chooses a method: both families, and what each one is for.
 CHOOSE_A_METHOD = ("--lossless for a bit-exact file, about 1.2x smaller; or REC for a far smaller, lossy one: "
@@ -46,6 +47,8 @@ def encode(
     data: options.DataDir = None,
     retrain_steps: Annotated[int, typer.Option("--retrain-steps", help="Progressive REC (needs --task and a posterior file): retrain the blocks not yet coded this many steps after each group.")] = 0,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Progressive REC: blocks coded per group (default: half of the blocks not yet coded, each time).")] = None,
+    include: select.Include = None,
+    exclude: select.Exclude = None,
     device: options.Device = "auto",
     threads: options.Threads = None,
     force: options.Force = False,
@@ -68,10 +71,14 @@ def encode(
     elif given:
         method = api.Rec(bits_per_block=bits_per_block, bits_per_weight=bits_per_weight, kl_budget_bits=kl_budget,
                          target_size=api.parse_size(target_size) if target_size is not None else None,
-                         selection=selection or "is", seed=seed, min_rec_numel=min_rec_numel, device=device)
+                         selection=selection or "is", seed=seed, min_rec_numel=min_rec_numel, device=device,
+                         select=selection_of(include, exclude))
     elif seed != 0 or min_rec_numel != DEFAULT_MIN_REC_NUMEL or task is not None or retrain_steps or group_size:
         # REC-only settings choose REC too; a posterior file needs no flag at all.
-        method = api.Rec(seed=seed, min_rec_numel=min_rec_numel, device=device)
+        method = api.Rec(seed=seed, min_rec_numel=min_rec_numel, device=device, select=selection_of(include, exclude))
+    if (include or exclude) and not isinstance(method, api.Rec):
+        raise UsageError("--include/--exclude choose the tensors REC codes",
+                         hint="pass a REC budget flag (--bits-per-weight, ...); --lossless keeps every tensor exactly")
     if method is None and model.exists() and not _posterior_file(model):
         raise UsageError("choose how to encode", hint=CHOOSE_A_METHOD)
     if (task is not None or retrain_steps or group_size is not None) and lossless:

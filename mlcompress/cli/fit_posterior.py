@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlcompress import api
-from mlcompress.cli import options
+from mlcompress.cli import options, select
 from mlcompress.cli.app import app
 from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK, MAX_BITS_PER_BLOCK
 from mlcompress.cli.output import Output
@@ -61,6 +61,8 @@ def fit_posterior_command(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Resumable checkpoint file (default: OUTPUT.ckpt).", dir_okay=False)] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save the checkpoint every N steps (0: never).")] = 500,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint.")] = False,
+    include: select.Include = None,
+    exclude: select.Exclude = None,
     seed: options.Seed = 0,
     device: options.Device = "auto",
     force: options.Force = False,
@@ -84,6 +86,7 @@ def fit_posterior_command(
         beta_init=beta_init, beta_step=beta_step, eval_every=eval_every,
         checkpoint_every=checkpoint_every, min_rec_numel=min_rec_numel, hash=parse_hash(hash),
         pretrain_steps=pretrain_steps, target_size=parse_size(target_size) if target_size is not None else None,
+        include=tuple(include or ()), exclude=tuple(exclude or ()),
     )
 
     def milestone(update) -> None:

@@ -11,10 +11,11 @@ import typer
 from rich.console import Console
 
 from mlcompress import api
-from mlcompress.cli import options
+from mlcompress.cli import options, select
 from mlcompress.cli.app import app
 from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA
 from mlcompress.distributed import main_process, refuse_if_launched
+from mlcompress.selection import selection_of
 from mlcompress.errors import UsageError
 from mlcompress.cli.output import Output, human_bytes
 
@@ -52,6 +53,8 @@ def quantize(
     safetensors: Annotated[Optional[Path], typer.Option("--safetensors", help="Also write the dequantized weights here.", dir_okay=False)] = None,
     seed: options.Seed = 0,
     device: options.Device = "auto",
+    include: select.Include = None,
+    exclude: select.Exclude = None,
     force: options.Force = False,
     unsafe_pickle: options.UnsafePickle = False,
     json: options.Json = False,
@@ -68,17 +71,22 @@ def quantize(
             raise UsageError(f"--float does not combine with {', '.join(conflicting)}",
                              hint="--float rounds to a float format; the others choose an integer grid")
         chosen: api.Method = api.Float(format=float_format, per_channel=per_channel, task=task,
-                                       data=str(data) if data is not None else None, device=device)
+                                       data=str(data) if data is not None else None, device=device,
+                                       select=selection_of(include, exclude))
         chosen.validate()  # before torch is imported: a usage error answers at once
     elif method == "uniform":
         chosen = api.Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size,
                            step=step, target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda,
-                           task=task, data=str(data) if data is not None else None, device=device)
+                           task=task, data=str(data) if data is not None else None, device=device,
+                           select=selection_of(include, exclude))
         chosen.validate()  # before torch is imported: a usage error answers at once
     elif method == "l2":
         given = _given(ctx, {"step": "--step", "bits": "--bits", "allocation": "--allocation", "rdo_lambda": "--rdo-lambda"})
         if given:
             raise UsageError(f"--method l2 does not take {', '.join(given)}", hint="L² learns its own step and dead zone")
+        if include or exclude:
+            raise UsageError("--include/--exclude apply to data-free quantization and --float",
+                             hint="L² trains the transform of every conv/linear weight together")
         chosen = api.L2(task=task or "", data=str(data) if data is not None else None,
                         target_ratio=api.L2.target_ratio if target_ratio is None else target_ratio,
                         calib_samples=calib_samples, kernel=kernel, seed=seed, device=device)

@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from mlcompress.checkpoint import checkpoint_format, load_checkpoint
+from mlcompress.checkpoint import checkpoint_format
+from mlcompress.checkpoint.source import TensorSource, open_source
 from mlcompress.errors import CheckpointError, InputError, UsageError
 
 LM_EXTRA_HINT = "pip install 'mlcompress[lm]'"
@@ -139,8 +140,8 @@ def load_pair(
                 "architecture is unknown",
                 hint="pass --arch MODEL_DIR (or a TorchScript file) with the architecture",
             )
-        tensors = load_checkpoint(paths[side], unsafe_pickle=unsafe_pickle)
-        loaded[side] = _with_weights(template, tensors, paths[side], device)
+        loaded[side] = _with_weights(template, open_source(paths[side], unsafe_pickle=unsafe_pickle), paths[side],
+                                     device)
     return loaded["ref"], loaded["cmp"]
 
 
@@ -162,7 +163,7 @@ def load_one(
             hint="pass the reference model too, or --arch MODEL_DIR",
         )
     template = _arch_template(arch, device, unsafe_pickle)
-    return _with_weights(template, load_checkpoint(path, unsafe_pickle=unsafe_pickle), path, device)
+    return _with_weights(template, open_source(path, unsafe_pickle=unsafe_pickle), path, device)
 
 
 def _arch_template(arch: str | Path, device: torch.device, unsafe_pickle: bool) -> LanguageModel:
@@ -203,7 +204,7 @@ def _load_hf(path: Path, device: torch.device, unsafe_pickle: bool) -> LanguageM
     config = _hf_config(transformers, path)
     # Weights go through mlcompress's own reader (safetensors first, restricted unpickling of
     # .bin unless --unsafe-pickle), never through transformers' loaders.
-    tensors = load_checkpoint(path, unsafe_pickle=unsafe_pickle)
+    tensors = open_source(path, unsafe_pickle=unsafe_pickle)
     template = _hf_skeleton(transformers, config, path, device)
     return _with_weights(template, tensors, path, device, keep_directory=True)
 
@@ -245,23 +246,25 @@ def _max_positions(config: Any) -> int | None:
 
 def _with_weights(
     template: LanguageModel,
-    tensors: dict[str, torch.Tensor],
+    weights: TensorSource,
     source: Path,
     device: torch.device,
     *,
     keep_directory: bool = False,
 ) -> LanguageModel:
-    """A copy of ``template``'s architecture holding ``tensors``, checked name by name."""
+    """A copy of ``template``'s architecture holding the checkpoint ``weights``, checked name by
+    name from its header, then filled one tensor at a time (so loading holds the model and one
+    tensor, never a second copy of the model)."""
     module = template.module if keep_directory else copy.deepcopy(template.module)
-    tensors = _match_prefix(module, tensors)
+    names = _match_prefix(module, weights.names)  # module name -> checkpoint name
     expected = module.state_dict()
     tied = _tied_names(module)
-    missing = [n for n in expected if n not in tensors and n not in tied]
-    unexpected = [n for n in tensors if n not in expected]
+    missing = [n for n in expected if n not in names and n not in tied]
+    unexpected = [stored for n, stored in names.items() if n not in expected]
     reshaped = [
-        f"{n} is {tuple(tensors[n].shape)} not {tuple(expected[n].shape)}"
+        f"{n} is {tuple(weights.info(names[n]).shape)} not {tuple(expected[n].shape)}"
         for n in expected
-        if n in tensors and tensors[n].shape != expected[n].shape
+        if n in names and tuple(weights.info(names[n]).shape) != tuple(expected[n].shape)
     ]
     problems = [
         f"{label} {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}"
@@ -276,8 +279,8 @@ def _with_weights(
         )
     with torch.no_grad():
         for name, target in expected.items():
-            if name in tensors:
-                target.copy_(tensors[name].to(dtype=target.dtype))
+            if name in names:
+                target.copy_(weights.get(names[name]).to(dtype=target.dtype))
     out = LanguageModel(
         source=str(source),
         kind=template.kind if keep_directory else "weights",
@@ -307,17 +310,18 @@ def _tied_names(module: nn.Module) -> set[str]:
     return tied
 
 
-def _match_prefix(module: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept checkpoints saved from the base model (``h.0...`` for ``transformer.h.0...``)."""
+def _match_prefix(module: nn.Module, names: list[str]) -> dict[str, str]:
+    """The module's name for each checkpoint name: accepts checkpoints saved from the base model
+    (``h.0...`` for ``transformer.h.0...``)."""
     expected = module.state_dict()
-    if any(n in expected for n in tensors):
-        return tensors
+    if any(n in expected for n in names):
+        return {n: n for n in names}
     prefix = getattr(module, "base_model_prefix", "")
     if prefix:
-        renamed = {f"{prefix}.{n}": t for n, t in tensors.items()}
+        renamed = {f"{prefix}.{n}": n for n in names}
         if any(n in expected for n in renamed):
             return renamed
-    return tensors
+    return {n: n for n in names}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -26,12 +26,14 @@ import torch
 
 from mlcompress.atomic import atomic_output, check_destination
 from mlcompress.checkpoint import load_checkpoint
+from mlcompress.container import shared_storage_aliases
 from mlcompress.device import resolve_device
 from mlcompress.distributed import SINGLE, World, join
 from mlcompress.errors import InputError, MlcompressError, UsageError
 from mlcompress.posterior.file import Posterior, PosteriorTensor, save_posterior
 from mlcompress.posterior.meankl import NATS_PER_BIT
 from mlcompress.progress import Progress, report
+from mlcompress.selection import Selection
 from mlcompress.codecs.rec.limits import DEFAULT_BITS_PER_BLOCK
 from mlcompress.posterior.parameterization import MEAN_KL, MEAN_VAR, PARAMETERIZATIONS
 from mlcompress.codecs.rec import compact_prior
@@ -82,6 +84,8 @@ class FitConfig:
     eval_every: int = 500
     checkpoint_every: int = 500
     coded: list[str] | None = None  # parameter names that get a posterior; None: the default rule
+    include: tuple[str, ...] = ()  # --include globs narrowing the coded tensors (mlcompress.selection)
+    exclude: tuple[str, ...] = ()  # --exclude globs: never coded (stored as fixed tensors)
     min_rec_numel: int = 1  # default rule: every floating-point parameter with this many values
     # The hashing trick: {name: weights per free variable}, "auto" (posterior.budget.auto_hash), or None.
     hash: dict[str, float] | str | None = None
@@ -220,8 +224,15 @@ def build_variational(
 
 
 def coded_names(config: FitConfig, model: torch.nn.Module) -> list[str]:
-    """The parameters that get a posterior: ``config.coded``, or the default rule."""
-    return list(config.coded) if config.coded is not None else default_coded_names(model, config.min_rec_numel)
+    """The parameters that get a posterior: ``config.coded``, or the default rule, narrowed by
+    the ``include``/``exclude`` globs (matched against every state-dict name, ties as one)."""
+    names = list(config.coded) if config.coded is not None else default_coded_names(model, config.min_rec_numel)
+    select = Selection(tuple(config.include), tuple(config.exclude))
+    if not select.narrows:
+        return names
+    state = model.state_dict(keep_vars=True)
+    chosen = select.resolve(state, shared_storage_aliases(state))
+    return [n for n in names if chosen(n)]
 
 
 def tyings(config: FitConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tying]:
@@ -305,7 +316,7 @@ def load_fit_checkpoint(path: Path) -> dict[str, Any]:
 
 _MUST_MATCH_ON_RESUME = ("parameterization", "bits_per_block", "kl_margin", "bits_per_weight", "seed",
                          "local_reparam", "coded", "min_rec_numel", "batch_size", "beta_init", "hash",
-                         "pretrain_steps", "target_size")
+                         "pretrain_steps", "target_size", "include", "exclude")
 
 
 def fit_posterior(
@@ -347,6 +358,8 @@ def fit_posterior(
         for key in _MUST_MATCH_ON_RESUME:
             # A key missing from an older checkpoint had its default value then.
             was = saved["config"].get(key, FitConfig.__dataclass_fields__[key].default)
+            if isinstance(was, list) and isinstance(getattr(config, key), tuple):
+                was = tuple(was)  # the checkpoint's container kept the globs' values, not their type
             if was != getattr(config, key):
                 raise UsageError(
                     f"--resume: {key} is {getattr(config, key)!r} but the checkpoint was made with "

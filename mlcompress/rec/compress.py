@@ -26,13 +26,13 @@ import torch
 
 from mlcompress.assembly import base_metadata, default_output, smallest_lossless
 from mlcompress.atomic import check_destination
-from mlcompress.checkpoint import load_checkpoint
+from mlcompress.checkpoint.source import TensorSource, open_source, source_of
 from mlcompress.codecs.rec import compact_prior
 from mlcompress.codecs.rec.counter import fmix32_int
 from mlcompress.codecs.rec.layout import BlockLayout
 from mlcompress.codecs.rec.limits import (DEFAULT_BITS_PER_BLOCK, blocks_for_budget,
                                           is_rec_candidate)
-from mlcompress.container import Alias, EncodedTensor, file_size, open_mrc, shared_storage_aliases, write_encoded
+from mlcompress.container import Alias, EncodedTensor, file_size, open_mrc, write_encoded
 from mlcompress.device import resolve_device
 from mlcompress.distributed import SINGLE, World, join
 from mlcompress.errors import InputError, UsageError
@@ -41,7 +41,7 @@ from mlcompress.options import Rec
 from mlcompress.posterior.datafree import datafree_posterior, default_prior_std
 from mlcompress.posterior.file import Posterior, is_posterior_file, load_posterior
 from mlcompress.posterior.meankl import NATS_PER_BIT
-from mlcompress.progress import Progress
+from mlcompress.progress import Progress, report
 from mlcompress.rec.blocks import RecItem, block_share, choose_indices, item_payloads, overlapping, posterior_item
 from mlcompress.rec.progressive import progressive_indices
 from mlcompress.tasks import get_task
@@ -94,7 +94,7 @@ def encode_rec(
     with world.guard():  # reading and checking the source may fail on one process only
         device = resolve_device(options.device)
         job = _prepare(src, dst, options, force=force, unsafe_pickle=unsafe_pickle, tensors=tensors,
-                       posterior=posterior, world=world)
+                       posterior=posterior, world=world, progress=progress)
     progressive: dict[str, Any] = {}
     state_path = job.dst.with_name(job.dst.name + ".progress")
     if options.progressive:
@@ -133,7 +133,7 @@ class _Job:
 
 def _prepare(src: str | os.PathLike, dst: str | os.PathLike | None, options: Rec, *, force: bool,
              unsafe_pickle: bool, tensors: Mapping[str, torch.Tensor] | None, posterior: Posterior | None,
-             world: World) -> _Job:
+             world: World, progress: Progress | None = None) -> _Job:
     """Read the source, choose the REC tensors and their block counts: everything before the
     indices. Only process 0 checks the destination (it alone writes; other machines may not
     even have its directory)."""
@@ -159,8 +159,10 @@ def _prepare(src: str | os.PathLike, dst: str | os.PathLike | None, options: Rec
         bits = posterior.bits_per_block
     else:
         bits = options.bits_per_block if options.bits_per_block is not None else DEFAULT_BITS_PER_BLOCK
-        if tensors is None:
-            tensors = load_checkpoint(src, unsafe_pickle=unsafe_pickle)
+        source = open_source(src, unsafe_pickle=unsafe_pickle) if tensors is None else source_of(tensors, src)
+    if posterior is not None and options.select.narrows:
+        raise UsageError("a posterior file fixes the tensors REC codes; --include/--exclude belong to fit-posterior",
+                         hint="refit with fit-posterior --include/--exclude, or encode the checkpoint data-free")
 
     # The bits, seeds and selection are in the records; a REC header keeps only the method (and a model directory's config).
     metadata = base_metadata(src, {"method": "rec"}, record_source=False)
@@ -170,25 +172,23 @@ def _prepare(src: str | os.PathLike, dst: str | os.PathLike | None, options: Rec
         plain = dict(posterior.fixed)
         rec_names = list(posterior.tensors)
     else:
-        assert tensors is not None
-        aliases = shared_storage_aliases(tensors)
-        order = list(tensors)
-        rec_names = [n for n, t in tensors.items() if n not in aliases and is_rec_candidate(t, options.min_rec_numel)]
-        plain = {n: t for n, t in tensors.items() if n not in aliases and n not in rec_names}
-        for n in rec_names:
-            if not torch.isfinite(tensors[n]).all():
-                raise InputError(f"{n} has NaN or Inf values; REC cannot code them", hint="clean the checkpoint or use --lossless")
+        aliases, order = source.aliases, source.names
+        chosen = options.select.resolve(order, aliases)
+        rec_names = [n for n in source.stored if is_rec_candidate(source.info(n), options.min_rec_numel) and chosen(n)]
     if not rec_names:
         raise InputError(
-            "no tensor is worth REC here (need floating point, >= 2 dimensions, >= --min-rec-numel weights)",
+            "no tensor is worth REC here (need floating point, >= 2 dimensions, >= --min-rec-numel weights"
+            + (", among those --include/--exclude select)" if options.select.narrows else ")"),
             hint="lower --min-rec-numel or use --lossless",
         )
-    others = {n: smallest_lossless(n, t) for n, t in plain.items()}
-
     if posterior is not None:
+        others = {n: smallest_lossless(n, t) for n, t in plain.items()}
         items = [posterior_item(n, pt, posterior.layout_seed) for n, pt in posterior.tensors.items()]
     else:
-        items = _datafree_items(tensors, rec_names, bits, options, list(others.values()), metadata, world)
+        # One tensor read at a time: the others are coded at once; a REC tensor is read once
+        # for its posterior (mean and std are what REC holds for all of them, docs/scale.md).
+        others = {n: smallest_lossless(n, source.get(n)) for n in source.stored if n not in rec_names}
+        items = _datafree_items(source, rec_names, bits, options, list(others.values()), metadata, world, progress)
     return _Job(dst, bits, items, order, aliases, others, metadata, posterior)
 
 
@@ -222,13 +222,16 @@ def _write(job: _Job, indices: torch.Tensor, options: Rec, *, force: bool, devic
     return Report.of(open_mrc(job.dst), "rec", time.perf_counter() - start, details)
 
 
-def _datafree_items(tensors: Mapping[str, torch.Tensor], rec_names: list[str], bits: int, options: Rec,
-                    others: list[EncodedTensor], metadata: dict, world: World = SINGLE) -> list[RecItem]:
-    """Data-free posteriors around the weights, with block counts from the run's budget."""
-    numels = {n: tensors[n].numel() for n in rec_names}
+def _datafree_items(source: TensorSource, rec_names: list[str], bits: int, options: Rec,
+                    others: list[EncodedTensor], metadata: dict, world: World = SINGLE,
+                    progress: Progress | None = None) -> list[RecItem]:
+    """Data-free posteriors around the weights, with block counts from the run's budget; each
+    REC tensor is read from ``source`` once, for its posterior, and checked to be finite."""
+    infos = {n: source.info(n) for n in rec_names}
+    numels = {n: infos[n].numel for n in rec_names}
     total = sum(numels.values())
     if options.target_size is not None:
-        shapes = [(n, tuple(tensors[n].shape), dtype_name(tensors[n].dtype)) for n in rec_names]
+        shapes = [(n, infos[n].shape, dtype_name(infos[n].dtype)) for n in rec_names]
         overhead = _overhead(others, shapes, metadata)
         room_bits = (options.target_size - overhead) * 8
         if room_bits < bits * len(rec_names):
@@ -248,14 +251,22 @@ def _datafree_items(tensors: Mapping[str, torch.Tensor], rec_names: list[str], b
     # so every value has the bits one process gives it); the others get only their prior.
     wanted = overlapping(layouts, block_share(layouts, bits, world))
     items = []
+    done = 0
     for n, layout, own in zip(rec_names, layouts, wanted):
+        report(progress, "REC setup", done / 1e6, total / 1e6, "M weights")  # posteriors: minutes on a large model
+        tensor = source.get(n)
+        if not torch.isfinite(tensor).all():
+            raise InputError(f"{n} has NaN or Inf values; REC cannot code them", hint="clean the checkpoint or use --lossless")
         if own:
-            mean, std, rho, kl = datafree_posterior(tensors[n], layout, bits)
+            mean, std, rho, kl = datafree_posterior(tensor, layout, bits)
         else:
             mean = std = kl = torch.zeros(0)
-            rho = default_prior_std(tensors[n])
-        items.append(RecItem(n, tuple(tensors[n].shape), dtype_name(tensors[n].dtype), mean.reshape(-1),
+            rho = default_prior_std(tensor)
+        del tensor
+        done += numels[n]
+        items.append(RecItem(n, infos[n].shape, dtype_name(infos[n].dtype), mean.reshape(-1),
                              std.reshape(-1), 0.0, compact_prior(rho), layout, kl))
+    report(progress, "REC setup", done / 1e6, total / 1e6, "M weights")
     return items
 
 

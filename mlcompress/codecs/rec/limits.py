@@ -48,8 +48,9 @@ def check_bits_per_block(bits: object) -> int:
 
 
 def is_rec_candidate(tensor, min_numel: int) -> bool:
-    """Worth REC: a floating-point tensor of at least 2 dimensions and ``min_numel`` weights."""
-    return tensor.is_floating_point() and tensor.dim() >= 2 and tensor.numel() >= min_numel
+    """Worth REC: a floating-point tensor of at least 2 dimensions and ``min_numel`` weights.
+    Judged from ``dtype`` and ``shape`` alone, so a streaming source's header entry answers too."""
+    return tensor.dtype.is_floating_point and len(tensor.shape) >= 2 and math.prod(tensor.shape) >= min_numel
 
 
 def blocks_for_budget(numel: int, bits_per_weight: float, bits_per_block: int, name: str, *, floor: bool = False) -> int:
