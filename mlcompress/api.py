@@ -114,7 +114,7 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
         return prune_file(src, sparsity=method.sparsity, criterion=method.criterion, scope=method.scope,
                           task=method.task, data=method.data, finetune_steps=method.finetune_steps,
                           bits=method.bits, output=dst, force=force, unsafe_pickle=unsafe_pickle,
-                          seed=method.seed, device=method.device, progress=progress)
+                          seed=method.seed, device=method.device, select=method.select, progress=progress)
     raise UsageError(f"unknown method {method!r}", hint="use Rec(), Lossless(), Quant(), L2(), Float() or Prune()")
 
 

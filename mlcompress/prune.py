@@ -36,25 +36,30 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from mlcompress.assembly import base_metadata, default_output
-from mlcompress.atomic import check_destination
-from mlcompress.checkpoint import load_checkpoint, save_checkpoint
-from mlcompress.container import open_mrc, shared_storage_aliases
+from mlcompress.atomic import atomic_output, check_destination
+from mlcompress.checkpoint import WEIGHTS_METADATA, checkpoint_format, load_checkpoint, save_checkpoint
+from mlcompress.checkpoint.hf import find_weights
+from mlcompress.checkpoint.safetensors_file import header_metadata
+from mlcompress.checkpoint.safetensors_stream import TensorEntry, stream_safetensors
+from mlcompress.checkpoint.source import TensorInfo, TensorSource, open_source
+from mlcompress.container import open_mrc, shared_storage_aliases, write_stream
 from mlcompress.device import resolve_device
 from mlcompress.errors import InputError, UsageError
 from mlcompress.options import Prune, check_sparsity
 from mlcompress.posterior.file import Posterior, PosteriorTensor, is_posterior_file, load_posterior, save_posterior
 from mlcompress.posterior.meankl import NATS_PER_BIT, kl_gaussian
 from mlcompress.progress import Progress, report
-from mlcompress.quant.plan import is_quantizable, uniform_plan, write_plan
+from mlcompress.quant.plan import Plan, is_quantizable, measure_file, plan_encoder, uniform_plan, write_plan
 from mlcompress.quant.quantize import dequantize_uniform
 from mlcompress.report import Report
+from mlcompress.selection import Selection
 from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
 
 CRITERIA = Prune.CRITERIA
@@ -104,13 +109,29 @@ def _random_scores(sizes: Mapping[str, int], generator: torch.Generator) -> dict
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def _checkpoint_scores(tensors: Mapping[str, torch.Tensor], criterion: str, seed: int) -> dict[str, torch.Tensor]:
+def _refuse_kl(criterion: str) -> None:
     if criterion == "kl":
         raise InputError(f"{_NEEDS_POSTERIOR}; a checkpoint has no posterior to rank by",
                          hint="use --criterion magnitude or random for a checkpoint")
+
+
+def _checkpoint_scores(tensors: Mapping[str, torch.Tensor], criterion: str, seed: int) -> dict[str, torch.Tensor]:
+    _refuse_kl(criterion)
     if criterion == "magnitude":
         return {n: t.detach().abs().reshape(-1).to(torch.float64) for n, t in tensors.items()}
     return _random_scores({n: t.numel() for n, t in tensors.items()}, torch.Generator().manual_seed(seed))
+
+
+def prunable_tensors(tensors: Mapping[str, Any], aliases: Mapping[str, str], select: Selection) -> list[str]:
+    """The names pruning ranks, in order: conv/linear weights (``is_quantizable``, judged from
+    dtype and shape, so header entries answer too) that ``select`` keeps, each tie once (by its
+    stored name; its aliases follow it). A glob matching no name is an error."""
+    chosen = select.resolve(tensors, aliases)
+    names = [n for n, t in tensors.items() if n not in aliases and is_quantizable(t) and chosen(n)]
+    if not names:
+        narrowed = " among the tensors --include/--exclude select" if select.narrows else ""
+        raise InputError(f"the checkpoint has no conv/linear weights to prune (need >= 2-D float tensors){narrowed}")
+    return names
 
 
 def prune_masks(
@@ -120,19 +141,256 @@ def prune_masks(
     criterion: str = "magnitude",
     scope: str = "global",
     seed: int = 0,
+    select: Selection = Selection(),
 ) -> dict[str, torch.Tensor]:
-    """Boolean masks (True = pruned) for every prunable tensor of a checkpoint's ``tensors``."""
+    """Boolean masks (True = pruned) for every prunable tensor of a checkpoint's ``tensors``
+    that ``select`` (``--include``/``--exclude``) keeps. Tied tensors are ranked once; every
+    name of a tie gets the same mask."""
     _check_choice(sparsity, criterion, scope)
-    prunable = {n: t for n, t in tensors.items() if is_quantizable(t)}
-    if not prunable:
-        raise InputError("the checkpoint has no conv/linear weights to prune (need >= 2-D float tensors)")
+    aliases = shared_storage_aliases(tensors)
+    prunable = {n: tensors[n] for n in prunable_tensors(tensors, aliases, select)}
     flat = select_lowest(_checkpoint_scores(prunable, criterion, seed), sparsity, scope)
-    return {n: flat[n].reshape(prunable[n].shape) for n in prunable}
+    masks = {n: flat[n].reshape(prunable[n].shape) for n in prunable}
+    masks.update({a: masks[c] for a, c in aliases.items() if c in masks})
+    return masks
 
 
 def apply_masks(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of ``tensors`` with masked entries set to exactly zero."""
-    return {n: (t.masked_fill(masks[n].to(t.device), 0) if n in masks else t) for n, t in tensors.items()}
+    """A copy of ``tensors`` with masked entries set to exactly zero; tied tensors stay tied."""
+    aliases = shared_storage_aliases(tensors)
+    pruned = {n: t.masked_fill(masks[n].to(t.device), 0) for n, t in tensors.items() if n in masks and n not in aliases}
+    return {n: pruned.get(aliases.get(n, n), t) for n, t in tensors.items()}
+
+
+# --- streaming ranking ---------------------------------------------------------------------------
+#
+# The global cut without holding the scores: a radix select over their float64 bit patterns.
+# Scores are non-negative (|w|, uniform draws) or NaN, and non-negative doubles order exactly as
+# their bit patterns do as int64, so the k-th smallest score is found 16 bits at a time: one
+# histogram pass over all scores per 16 bits, each narrowing to the bin that holds the k-th,
+# until the scores left in that bin are few enough to collect and sort. The pruned set is then
+# every score below the cut plus the first ``k - below`` equal to it in position order: exactly
+# the first ``k`` of a stable sort, which is what :func:`select_lowest` keeps.
+
+#: Scores computed at a time (128 kB of float64, under glibc's first mmap threshold: larger
+#: temporaries fragment the heap): what bounds the ranking's own memory.
+CHUNK = 1 << 14
+#: Collect and sort the scores of the bin that holds the cut once it has at most this many.
+CANDIDATE_LIMIT = 1 << 18
+_BIN_BITS = 16
+_BINS = 1 << _BIN_BITS
+_KEY_BITS = 64
+#: torch.sort puts NaN after everything and keeps NaNs in position order: one key for them all,
+#: above +inf (0x7FF0...).
+_NAN_KEY = 0x7FF8000000000000
+
+#: A fresh pass over the scores, in position order, as int64 keys, chunk by chunk.
+KeyPasses = Callable[[], Iterator[torch.Tensor]]
+
+
+def score_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order as ``torch.sort`` orders the non-negative float64 ``scores``."""
+    scores = scores.to(torch.float64).contiguous()
+    return scores.view(torch.int64).masked_fill(torch.isnan(scores), _NAN_KEY)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The ``k`` lowest scores: every key below ``key``, then the first ``ties`` equal to it."""
+
+    key: int
+    ties: int
+
+
+def find_cut(passes: KeyPasses, n: int, k: int, on_pass: Callable[[int], None] | None = None) -> Cut | None:
+    """The :class:`Cut` of the ``k`` lowest of ``n`` keys (None when ``k`` is 0), reading them
+    through ``passes`` a few times and holding at most :data:`CANDIDATE_LIMIT` of them.
+    ``on_pass(i)`` is called before pass ``i`` (1, 2, ...)."""
+    if k <= 0:
+        return None
+    prefix, shift, below, count = 0, _KEY_BITS, 0, n  # candidates: the keys k with k >> shift == prefix
+    number = 0
+
+    def candidates(keys: torch.Tensor) -> torch.Tensor:
+        return keys if shift == _KEY_BITS else keys[(keys >> shift) == prefix]
+
+    while shift > 0:
+        number += 1
+        if on_pass is not None:
+            on_pass(number)
+        if count <= CANDIDATE_LIMIT:
+            # One buffer of the known count: many small pieces kept between the tensors' reads
+            # would fragment the heap and grow the process by a tensor per tensor read.
+            held, filled = torch.empty(count, dtype=torch.int64), 0
+            for keys in passes():
+                found = candidates(keys)
+                held[filled : filled + found.numel()] = found
+                filled += found.numel()
+            key = int(torch.sort(held).values[k - below - 1])
+            return Cut(key, k - below - int((held < key).sum()))
+        low = shift - _BIN_BITS
+        hist = torch.zeros(_BINS, dtype=torch.int64)
+        for keys in passes():
+            hist += torch.bincount((candidates(keys) >> low) & (_BINS - 1), minlength=_BINS)
+        cumulative = torch.cumsum(hist, 0)
+        b = int(torch.searchsorted(cumulative, k - below))
+        below += int(cumulative[b - 1]) if b else 0
+        prefix, shift, count = (prefix << _BIN_BITS) | b, low, int(hist[b])
+    return Cut(prefix, k - below)
+
+
+class CutMask:
+    """Masks of a :class:`Cut` over keys handed over in position order (a chunk at a time,
+    across tensors for a global cut): the ties are taken by the first equal keys seen."""
+
+    def __init__(self, cut: Cut | None) -> None:
+        self._cut = cut
+        self._ties = cut.ties if cut is not None else 0
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        if self._cut is None:
+            return torch.zeros(keys.shape, dtype=torch.bool)
+        mask = keys < self._cut.key
+        if self._ties:
+            equal = torch.nonzero(keys == self._cut.key).reshape(-1)[: self._ties]
+            mask[equal] = True
+            self._ties -= equal.numel()
+        return mask
+
+
+class _Scorer:
+    """The criterion's scores of one tensor at a time, chunk by chunk, as keys. Random scores
+    are the in-memory path's draws (``torch.rand(numel)`` per tensor in order from one
+    generator seeded with ``seed``; drawing them in chunks gives the same numbers), so a pass
+    that starts over re-seeds, or rewinds to a tensor's first draw."""
+
+    def __init__(self, criterion: str, seed: int) -> None:
+        _refuse_kl(criterion)
+        self.random = criterion == "random"
+        self._seed = seed
+        self._generator = torch.Generator()
+        self.restart()
+
+    def restart(self) -> None:
+        self._generator.manual_seed(self._seed)
+
+    def mark(self) -> torch.Tensor:
+        return self._generator.get_state()
+
+    def rewind(self, mark: torch.Tensor) -> None:
+        self._generator.set_state(mark)
+
+    def keys(self, flat: torch.Tensor | None, numel: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, keys)`` of each chunk of a tensor of ``numel`` elements (``flat``, its
+        values; not needed, and not read, for random scores)."""
+        for start in range(0, numel, CHUNK):
+            end = min(start + CHUNK, numel)
+            if self.random:
+                scores = torch.rand(end - start, generator=self._generator, dtype=torch.float64)
+            else:
+                scores = flat[start:end].abs().to(torch.float64)
+            yield start, score_keys(scores)
+
+
+def zero_count(tensor: torch.Tensor) -> int:
+    """Exact zeros in ``tensor`` (``(t == 0).sum()`` would cost eight bytes per element: the
+    booleans are summed as int64)."""
+    return tensor.numel() - int(torch.count_nonzero(tensor))
+
+
+def _pruned(tensor: torch.Tensor, scorer: _Scorer, mask_of: CutMask, *, owned: bool) -> torch.Tensor:
+    """``tensor`` with the entries ``mask_of`` picks set to zero, chunk by chunk: in place when
+    the tensor is ``owned`` (a fresh read from a file, which nothing else sees), else into a new
+    buffer (a loaded state dict's tensor, which other names may view)."""
+    source = tensor.detach()
+    out = source if owned and source.is_contiguous() else torch.empty(source.shape, dtype=source.dtype)
+    flat, out_flat = source.reshape(-1), out.view(-1)
+    for start, keys in scorer.keys(flat, flat.numel()):
+        end = start + keys.numel()
+        if out is source:
+            out_flat[start:end].masked_fill_(mask_of(keys), 0)
+        else:
+            out_flat[start:end] = flat[start:end].masked_fill(mask_of(keys), 0)
+    return out
+
+
+@dataclass
+class _StreamedPrune:
+    """A :class:`TensorSource` whose prunable tensors come out pruned, read one at a time in
+    the source's order, so that ``write_stream`` (``.mrc``) or the safetensors stream writes
+    them as they come. The global cut is found first (:meth:`rank`); a layer cut is found per
+    tensor when it is read."""
+
+    source: TensorSource
+    prunable: list[str]
+    sparsity: float
+    scope: str
+    scorer: _Scorer
+    owned: bool  # each read is a fresh buffer (safetensors, .mrc): pruned in place
+    progress: Progress | None = None
+    _global: CutMask | None = field(default=None, init=False)
+
+    @property
+    def names(self) -> list[str]:
+        return self.source.names
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return self.source.aliases
+
+    def info(self, name: str) -> TensorInfo:
+        return self.source.info(name)
+
+    @property
+    def prunable_bytes(self) -> int:
+        return sum(self.source.info(n).nbytes for n in self.prunable)
+
+    def rank(self) -> None:
+        """The global cut, from a few passes over every prunable tensor (random scores need
+        only their sizes)."""
+        n = sum(self.source.info(name).numel for name in self.prunable)
+        phase = "prune: ranking"
+
+        def passes() -> Iterator[torch.Tensor]:
+            self.scorer.restart()
+            done = 0
+            for name in self.prunable:
+                numel = self.source.info(name).numel
+                flat = None if self.scorer.random else self.source.get(name).detach().reshape(-1)
+                for _, keys in self.scorer.keys(flat, numel):
+                    yield keys
+                del flat
+                done += self.source.info(name).nbytes
+                report(self.progress, phase, done / 1e6, self.prunable_bytes / 1e6, "MB")
+
+        def on_pass(number: int) -> None:
+            nonlocal phase
+            phase = f"prune: ranking, pass {number}"
+            report(self.progress, phase, 0, self.prunable_bytes / 1e6, "MB")
+
+        self._global = CutMask(find_cut(passes, n, round(self.sparsity * n), on_pass))
+        self.scorer.restart()  # the writing pass draws the random scores again, in the same order
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.source.get(name)
+        if name not in self.prunable:
+            return tensor
+        if self.scope == "global":
+            return _pruned(tensor, self.scorer, self._global, owned=self.owned)
+        flat, numel = tensor.detach().reshape(-1), tensor.numel()
+        start = self.scorer.mark()
+
+        def passes() -> Iterator[torch.Tensor]:
+            self.scorer.rewind(start)
+            return (keys for _, keys in self.scorer.keys(flat, numel))
+
+        mask_of = CutMask(find_cut(passes, numel, round(self.sparsity * numel)))
+        self.scorer.rewind(start)
+        return _pruned(tensor, self.scorer, mask_of, owned=self.owned)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.source.stored:
+            yield name, self.get(name)
 
 
 # --- posteriors ---------------------------------------------------------------------------------
@@ -149,11 +407,13 @@ def posterior_kl_bits(posterior: Posterior) -> float:
     return sum(float(variable_kl(pt).sum()) for pt in posterior.tensors.values()) / NATS_PER_BIT
 
 
-def prunable_names(posterior: Posterior) -> list[str]:
+def prunable_names(posterior: Posterior, select: Selection = Selection()) -> list[str]:
     """Coded tensors that are weights by the checkpoint rule (``is_quantizable`` on the tensor's
-    shape, so >= 2 dimensions), in coding order."""
+    shape, so >= 2 dimensions) and that ``select`` keeps, in coding order. Globs are matched
+    against every name of the model, fixed tensors included."""
+    chosen = select.resolve([*posterior.tensors, *posterior.fixed])
     return [n for n, pt in posterior.tensors.items()
-            if is_quantizable(torch.empty(pt.tensor_shape, device="meta"))]
+            if is_quantizable(torch.empty(pt.tensor_shape, device="meta")) and chosen(n)]
 
 
 def posterior_scores(posterior: Posterior, names: list[str], criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -173,13 +433,15 @@ def posterior_masks(
     criterion: str = "kl",
     scope: str = "global",
     seed: int = 0,
+    select: Selection = Selection(),
 ) -> dict[str, torch.Tensor]:
     """Boolean masks (True = pruned) over the variables (the shape of ``.mean``: free variables
-    for a hashed tensor) of every prunable coded tensor of ``posterior``."""
+    for a hashed tensor) of every prunable coded tensor of ``posterior`` that ``select`` keeps."""
     _check_choice(sparsity, criterion, scope)
-    names = prunable_names(posterior)
+    names = prunable_names(posterior, select)
     if not names:
-        raise InputError("the posterior has no coded tensors with >= 2 dimensions to prune")
+        raise InputError("the posterior has no coded tensors with >= 2 dimensions to prune"
+                         + (" among those --include/--exclude select" if select.narrows else ""))
     flat = select_lowest(posterior_scores(posterior, names, criterion, seed), sparsity, scope)
     return {n: flat[n].reshape(posterior.tensors[n].mean.shape) for n in names}
 
@@ -281,14 +543,26 @@ class _Job:
     device: torch.device
     task: Any  # a Task, or None
     start: float  # perf_counter at the call, for the report's seconds
+    select: Selection = Selection()
 
     @property
     def options(self) -> dict[str, Any]:
         return {"criterion": self.criterion, "scope": self.scope, "sparsity": self.sparsity,
-                "finetune_steps": self.finetune_steps, "bits": self.bits}
+                "finetune_steps": self.finetune_steps, "bits": self.bits, **self.select.as_dict()}
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The ``.mrc`` header's model-level metadata."""
+        return base_metadata(self.src, {"method": "prune", **self.options})
 
     def summary(self, kind: str) -> dict[str, Any]:
         return {"input": str(self.src), "input_kind": kind, **self.options}
+
+    @property
+    def streams(self) -> bool:
+        """Whether a checkpoint input is pruned one tensor at a time: everything but a task
+        (which evaluates or fine-tunes the whole model) and ``torch.save`` outputs (one pickle)."""
+        return self.task is None and not self.finetune_steps and self.dst.suffix.lower() in (".mrc", POSTERIOR_SUFFIX)
 
 
 def prune_file(
@@ -306,17 +580,21 @@ def prune_file(
     unsafe_pickle: bool = False,
     seed: int = 0,
     device: str | torch.device = "auto",
+    select: Selection = Selection(),
     progress: Progress | None = None,
 ) -> Report:
     """Prune the checkpoint, ``.mrc`` or posterior file at ``src`` and write ``output``.
 
     ``output`` ends in ``.mrc`` (entropy-coded dense weights; ``bits`` quantizes them),
     ``.safetensors`` (a posterior file for a posterior input, else a dense checkpoint) or any
-    checkpoint suffix. Every check that can fail runs before anything is written.
+    checkpoint suffix. ``select`` (``--include``/``--exclude``) narrows which tensors are
+    pruned; the others are stored unchanged (losslessly in a ``.mrc``). Every check that can
+    fail runs before anything is written. Without a task, a checkpoint written as ``.mrc`` or
+    ``.safetensors`` is pruned one tensor at a time (memory: a few copies of the largest tensor).
     """
     start = time.perf_counter()
     Prune(sparsity=sparsity, criterion=criterion, scope=scope, task=task, finetune_steps=finetune_steps,
-          bits=bits).validate()
+          bits=bits, select=select).validate()
     src = Path(src)
     dst = Path(output) if output is not None else default_output(src)
     if bits is not None and dst.suffix.lower() != ".mrc":
@@ -329,28 +607,92 @@ def prune_file(
         raise UsageError("--finetune-steps applies to checkpoints; a posterior is trained by fit-posterior")
     task_obj = get_task(task, data, src) if task is not None else None
     job = _Job(src, dst, criterion, scope, sparsity, finetune_steps, bits, force, seed, resolve_device(device),
-               task_obj, start)
+               task_obj, start, select)
     if is_posterior:
         return _prune_posterior_file(job)
+    if job.streams:
+        return _prune_checkpoint_streaming(job, unsafe_pickle, progress)
     return _prune_checkpoint_file(job, unsafe_pickle, progress)
 
 
 def _prune_checkpoint_file(job: _Job, unsafe_pickle: bool, progress: Progress | None) -> Report:
+    """The whole checkpoint in memory: what a task (evaluation, fine-tuning) or a ``.pt``
+    output needs, and the reference the streaming path is tested against."""
     tensors = load_checkpoint(job.src, unsafe_pickle=unsafe_pickle)
     if job.task is not None:
         check_state_dict_fits(job.task, tensors)
-    masks = prune_masks(tensors, job.sparsity, criterion=job.criterion, scope=job.scope, seed=job.seed)
+    masks = prune_masks(tensors, job.sparsity, criterion=job.criterion, scope=job.scope, seed=job.seed,
+                        select=job.select)
+    aliases = shared_storage_aliases(tensors)
+    ranked = [n for n in masks if n not in aliases]
     pruned = apply_masks(tensors, masks)
     if job.finetune_steps:
         pruned = finetune_masked(job.task, pruned, masks, job.finetune_steps, seed=job.seed, device=job.device,
                                  progress=progress)
         pruned = apply_masks(pruned, masks)  # exact zeros, whatever the optimiser did
-    plan, stored_eval = _dense_plan(pruned, job.bits)
+    plan, stored_eval = _dense_plan(pruned, job.bits, lambda n: n in masks)
     summary = job.summary("checkpoint")
-    total = sum(m.numel() for m in masks.values())
-    summary["achieved_sparsity"] = sum(int((stored_eval[n] == 0).sum()) for n in masks) / total
+    total = sum(masks[n].numel() for n in ranked)
+    summary["achieved_sparsity"] = sum(zero_count(stored_eval[n]) for n in ranked) / total
     _add_metrics(summary, job, tensors, stored_eval)
-    return _write_dense(job, pruned, plan, summary, aliases_of=tensors)
+    return _write_dense(job, pruned, plan, summary)
+
+
+def _prune_checkpoint_streaming(job: _Job, unsafe_pickle: bool, progress: Progress | None) -> Report:
+    """The checkpoint one tensor at a time (:class:`_StreamedPrune`): a global cut costs a few
+    read-only passes first; the writing pass then prunes each tensor as it is read and writes
+    it at once. Masks and bytes are those of :func:`_prune_checkpoint_file`."""
+    source = open_source(job.src, unsafe_pickle=unsafe_pickle)
+    infos = source.infos()
+    names = prunable_tensors(infos, source.aliases, job.select)
+    pruner = _StreamedPrune(source, names, job.sparsity, job.scope, _Scorer(job.criterion, job.seed),
+                            _reads_fresh(job.src), progress)
+    if job.scope == "global":
+        pruner.rank()
+    plan = _plan(infos, job.bits, set(names).__contains__)
+    encode = plan_encoder(plan)
+    zeros = 0
+
+    def count_zeros(name: str, tensor: torch.Tensor) -> None:
+        nonlocal zeros
+        if name in pruner.prunable:  # of what a decoder rebuilds
+            stored = dequantize_uniform({name: tensor}, {name: plan[name]})[name] if job.bits is not None else tensor
+            zeros += zero_count(stored)
+
+    def written(done: int, total: int) -> None:
+        report(progress, "prune: writing", done / 1e6, total / 1e6, "MB")
+
+    summary = job.summary("checkpoint")
+    if job.dst.suffix.lower() == ".mrc":
+        def encode_one(name: str, tensor: torch.Tensor):
+            count_zeros(name, tensor)
+            return encode(name, tensor)
+
+        write_stream(job.dst, pruner, encode_one, job.metadata, force=job.force, progress=written)
+        summary["achieved_sparsity"] = zeros / sum(infos[n].numel for n in names)
+        return _mrc_report(job, summary)
+    entries = [TensorEntry(n, infos[n].shape, infos[n].dtype) for n in source.stored]
+    total, done = sum(e.nbytes for e in entries), 0
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal done
+        for name, tensor in pruner.items():
+            count_zeros(name, tensor)
+            yield name, tensor
+            del tensor  # not held while the next one is read and pruned
+            done += infos[name].nbytes
+            written(done, total)
+
+    _stream_checkpoint(job, entries, source.aliases, tensors())
+    summary["achieved_sparsity"] = zeros / sum(infos[n].numel for n in names)
+    return _checkpoint_report(job, [infos[n] for n in source.stored], len(source.names), summary)
+
+
+def _reads_fresh(src: Path) -> bool:
+    """Whether :func:`open_source` reads ``src`` tensor by tensor into new buffers (safetensors
+    files and directories, ``.mrc``) rather than holding a loaded state dict (pickles)."""
+    kind = checkpoint_format(src)
+    return kind in ("safetensors", "mrc") or (kind == "hf-dir" and find_weights(src)[1] == "safetensors")
 
 
 def _prune_posterior_file(job: _Job) -> Report:
@@ -358,7 +700,8 @@ def _prune_posterior_file(job: _Job) -> Report:
     dense = pruned_weights(posterior, {})
     if job.task is not None:
         check_state_dict_fits(job.task, dense)
-    masks = posterior_masks(posterior, job.sparsity, criterion=job.criterion, scope=job.scope, seed=job.seed)
+    masks = posterior_masks(posterior, job.sparsity, criterion=job.criterion, scope=job.scope, seed=job.seed,
+                            select=job.select)
     pruned = prune_to_prior(posterior, masks)
     summary = job.summary("posterior")
     total = sum(m.numel() for m in masks.values())
@@ -371,18 +714,23 @@ def _prune_posterior_file(job: _Job) -> Report:
         save_posterior(pruned, job.dst, force=job.force)
         return _posterior_report(job, posterior, summary)
     weights = pruned_weights(posterior, masks)
-    plan, stored_eval = _dense_plan(weights, job.bits)
+    plan, stored_eval = _dense_plan(weights, job.bits, job.select.resolve(weights))
     _add_metrics(summary, job, dense, stored_eval)
-    return _write_dense(job, weights, plan, summary, aliases_of={})
+    return _write_dense(job, weights, plan, summary)
 
 
-def _dense_plan(tensors: Mapping[str, torch.Tensor], bits: int | None):
-    """``(plan, weights as decoded)``: lossless keeps every bit; ``bits`` quantizes uniformly,
-    where 0 is an exact level so pruned zeros stay zeros."""
+def _plan(tensors: Mapping[str, Any], bits: int | None, select: Callable[[str], bool]) -> Plan:
+    """Lossless keeps every bit; ``bits`` quantizes the selected conv/linear weights uniformly
+    (0 is an exact level, so pruned zeros stay zeros) and stores the rest losslessly."""
     if bits is None:
-        return {n: ("lossless", {}) for n in tensors}, dict(tensors)
-    plan = uniform_plan(tensors, bits)
-    return plan, dequantize_uniform(tensors, plan)
+        return {n: ("lossless", {}) for n in tensors}
+    return uniform_plan(tensors, bits, select=select)
+
+
+def _dense_plan(tensors: Mapping[str, torch.Tensor], bits: int | None, select: Callable[[str], bool]):
+    """``(plan, weights as decoded)`` of :func:`_plan`."""
+    plan = _plan(tensors, bits, select)
+    return plan, (dequantize_uniform(dict(tensors), plan) if bits is not None else dict(tensors))
 
 
 def _add_metrics(summary: dict[str, Any], job: _Job, before: Mapping[str, torch.Tensor],
@@ -395,22 +743,42 @@ def _add_metrics(summary: dict[str, Any], job: _Job, before: Mapping[str, torch.
         summary[key] = evaluate_model(job.task, load_task_model(job.task, state, job.device), device=job.device).metric
 
 
-def _write_dense(job: _Job, stored: Mapping[str, torch.Tensor], plan, summary: dict[str, Any],
-                 aliases_of: Mapping[str, torch.Tensor]) -> Report:
+def _write_dense(job: _Job, stored: Mapping[str, torch.Tensor], plan: Plan, summary: dict[str, Any]) -> Report:
     """Write dense weights as ``.mrc`` by ``plan`` or as a checkpoint; the report of the file."""
     if job.dst.suffix.lower() == ".mrc":
-        summary["output_kind"] = "mrc"
-        metadata = base_metadata(job.src, {"method": "prune", **job.options})
-        size = write_plan(job.dst, stored, plan, metadata, force=job.force)
-        summary.update(size.as_dict())
-        return Report.of(open_mrc(job.dst), job.criterion, time.perf_counter() - job.start, summary)
+        write_plan(job.dst, stored, plan, job.metadata, force=job.force)
+        return _mrc_report(job, summary)
+    tied = shared_storage_aliases(stored)
+    once = {n: t for n, t in stored.items() if n not in tied}
+    infos = [TensorInfo(n, tuple(t.shape), t.dtype) for n, t in once.items()]
+    if job.dst.suffix.lower() == POSTERIOR_SUFFIX:
+        _stream_checkpoint(job, [TensorEntry(i.name, i.shape, i.dtype) for i in infos], tied, iter(once.items()))
+    else:
+        save_checkpoint(dict(stored), job.dst, force=job.force)
+    return _checkpoint_report(job, infos, len(stored), summary)
+
+
+def _stream_checkpoint(job: _Job, entries: Sequence[TensorEntry], aliases: Mapping[str, str],
+                       tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """A ``.safetensors`` output, each tensor written as it comes (ties stored once, in the
+    alias table; ``{"format": "pt"}`` for transformers), atomically."""
+    with atomic_output(job.dst, force=job.force) as tmp:
+        with stream_safetensors(tmp, entries, header_metadata(WEIGHTS_METADATA, aliases)) as stream:
+            stream.write_from(tensors)
+
+
+def _mrc_report(job: _Job, summary: dict[str, Any]) -> Report:
+    summary["output_kind"] = "mrc"
+    summary.update(measure_file(job.dst).as_dict())
+    return Report.of(open_mrc(job.dst), job.criterion, time.perf_counter() - job.start, summary)
+
+
+def _checkpoint_report(job: _Job, stored: Sequence[TensorInfo], names: int, summary: dict[str, Any]) -> Report:
+    """A dense checkpoint's report: its stored tensors (ties once) against the file's bytes."""
     summary["output_kind"] = "checkpoint"
-    save_checkpoint(dict(stored), job.dst, force=job.force)
-    tied = shared_storage_aliases(aliases_of) if aliases_of else {}
-    once = [t for n, t in stored.items() if n not in tied]
-    numel = sum(t.numel() for t in once)
-    return Report(job.dst, job.criterion, len(stored), numel, sum(t.numel() * t.element_size() for t in once),
-                  4 * numel, job.dst.stat().st_size, time.perf_counter() - job.start, summary)
+    numel = sum(i.numel for i in stored)
+    return Report(job.dst, job.criterion, names, numel, sum(i.nbytes for i in stored), 4 * numel,
+                  job.dst.stat().st_size, time.perf_counter() - job.start, summary)
 
 
 def _posterior_report(job: _Job, posterior: Posterior, summary: dict[str, Any]) -> Report:

@@ -14,6 +14,14 @@ from mlcompress.cli import options
 from mlcompress.cli.app import app
 from mlcompress.cli.output import Output, human_bytes
 from mlcompress.errors import UsageError
+from mlcompress.selection import selection_of
+
+Include = Annotated[Optional[list[str]], typer.Option(
+    "--include", metavar="GLOB", show_default=False,
+    help="Prune only tensors whose name matches (shell glob, repeatable); the others are stored unchanged.")]
+Exclude = Annotated[Optional[list[str]], typer.Option(
+    "--exclude", metavar="GLOB", show_default=False,
+    help="Never prune tensors whose name matches (shell glob, repeatable; wins over --include).")]
 
 
 @app.command()
@@ -27,6 +35,8 @@ def prune(
     data: options.DataDir = None,
     finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="Fine-tune this many steps on --task with the pruned weights held at zero.")] = 0,
     bits: Annotated[Optional[int], typer.Option("--bits", help="Also quantize the pruned weights (uniform, 1-16 bits) in the .mrc.")] = None,
+    include: Include = None,
+    exclude: Exclude = None,
     output: options.Output = None,
     seed: options.Seed = 0,
     device: options.Device = "auto",
@@ -41,7 +51,7 @@ def prune(
     out = Output(json, quiet)
     chosen = api.Prune(sparsity=sparsity, criterion=_criterion(criterion, method, out), scope=scope, task=task,
                        data=str(data) if data is not None else None, finetune_steps=finetune_steps, bits=bits,
-                       seed=seed, device=device)
+                       seed=seed, device=device, select=selection_of(include, exclude))
     with out.tracker() as progress:
         summary = api.encode(model, output, method=chosen, force=force, unsafe_pickle=unsafe_pickle,
                              progress=progress).to_json()
