@@ -22,13 +22,21 @@ more, usually the better trade), ``layer`` prunes every tensor by the same fract
 
 Which tensors: the same rule as quantization (:func:`mlcompress.quant.plan.is_quantizable`):
 conv/linear weights; biases and small tensors are left alone. In a posterior only coded tensors
-are candidates (fixed ones are stored as they are).
+are candidates (fixed ones are stored as they are). ``--include``/``--exclude``
+(:class:`mlcompress.selection.Selection`) narrow that by name; a tensor left out is neither
+ranked nor changed. Tied tensors are one tensor: ranked, pruned and stored once.
 
 Storage: pruned weights must cost almost nothing, so the ``.mrc`` output entropy-codes the pruned
 tensors -- bit-exactly with ``lossless`` (its planes are mostly one repeated symbol), or quantized
 with ``quant`` when ``bits`` is given (0 is always an exact level there). Safetensors/.pt outputs
 are plain dense checkpoints, except that a posterior pruned into ``.safetensors`` stays a
 posterior file.
+
+Memory: without a task, a checkpoint pruned into ``.mrc`` or ``.safetensors`` streams
+(:func:`_prune_checkpoint_streaming`): one tensor at a time, the global cut found by a radix
+select over the scores' bits in a few read-only passes, so nothing holds the model or its
+scores. The files are those of the whole-model path (:func:`_prune_checkpoint_file`), byte for
+byte; docs/pruning.md gives the bound.
 """
 
 from __future__ import annotations
