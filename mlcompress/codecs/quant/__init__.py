@@ -45,26 +45,59 @@ SCHEMES = ("uniform", "step", "l2")
 _SCALE_DTYPES = {"float32": ("<f4", 4), "float16": ("<f2", 2)}
 
 
+def _bit_slices(count: int, width: int) -> list[slice]:
+    """Slices of whole bytes (multiples of 8 values) whose bit matrices stay a few MB."""
+    return entropy.slices(count, max(entropy.CHUNK // max(width, 1) // 8, 1) * 8)
+
+
 def pack_bits(values: np.ndarray, lo: int, width: int) -> bytes:
     """Bit-pack ``values - lo`` (each < 2**width) LSB first."""
-    u = (values.astype(np.int64) - lo).astype(np.uint32)
-    if width == 0 or u.size == 0:
+    values = np.asarray(values).reshape(-1)
+    if width == 0 or values.size == 0:
         return b""
-    bits = ((u[:, None] >> np.arange(width, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+    shifts = np.arange(width, dtype=np.uint32)
+    out = []
+    for sl in _bit_slices(values.size, width):
+        u = (values[sl].astype(np.int64) - lo).astype(np.uint32)
+        bits = ((u[:, None] >> shifts) & 1).astype(np.uint8)
+        out.append(np.packbits(bits.reshape(-1), bitorder="little").tobytes())
+    return b"".join(out)
 
 
 def unpack_bits(data: memoryview, count: int, lo: int, width: int) -> np.ndarray:
-    if width == 0:
-        return np.full(count, lo, dtype=np.int64)
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little", count=count * width)
-    weights = (1 << np.arange(width, dtype=np.int64))
-    return bits.reshape(count, width).astype(np.int64) @ weights + lo
+    """Inverse of :func:`pack_bits` (int32 values: the level section holds int32 levels)."""
+    (values,) = _unpacked(data, count, lo, width, [count])
+    return values
+
+
+def _unpacked(data: memoryview, count: int, lo: int, width: int, sizes):
+    """The packed values in consecutive slices of ``sizes``; a slice may start inside a byte."""
+    view = np.frombuffer(data, dtype=np.uint8)
+    start = 0
+    for size in sizes:
+        out = np.empty(size, dtype=np.int32)
+        for sl in _bit_slices(size, width):
+            first, n = start + sl.start, sl.stop - sl.start
+            if width == 0:
+                out[sl] = lo
+                continue
+            byte0 = first * width // 8
+            bits = np.unpackbits(view[byte0 : -(-(first + n) * width // 8)], bitorder="little")
+            offset = first * width - 8 * byte0
+            bits = bits[offset : offset + n * width].reshape(n, width)
+            acc = np.full(n, lo, dtype=np.int64)
+            for j in range(width):
+                acc += bits[:, j].astype(np.int64) << j
+            if n and (acc.max() > np.iinfo(np.int32).max or acc.min() < np.iinfo(np.int32).min):
+                raise MrcFormatError("quant payload: packed levels fall outside int32")
+            out[sl] = acc
+        start += size
+        yield out
 
 
 def encode_levels(levels: np.ndarray) -> bytes:
     """The level section: ANS stream or bit-packed, whichever is smaller."""
-    flat = np.ascontiguousarray(levels, dtype=np.int64).reshape(-1)
+    flat = np.ascontiguousarray(levels).reshape(-1)
     ans = bytes([_MODE_ANS]) + entropy.encode_symbols(flat)
     if flat.size == 0:
         return ans
@@ -75,21 +108,38 @@ def encode_levels(levels: np.ndarray) -> bytes:
     return ans
 
 
-def decode_levels(section: memoryview, count: int) -> np.ndarray:
-    """Inverse of :func:`encode_levels`; validates sizes before allocating."""
+def level_slices(section: memoryview, count: int, sizes):
+    """Inverse of :func:`encode_levels`, yielding the ``count`` levels (int32) in consecutive
+    slices of ``sizes``; validates sizes before allocating (and the ANS stream's end state and
+    histogram once the last slice is taken)."""
     if len(section) < 1:
         raise MrcFormatError("quant payload has no level section")
     mode = section[0]
     if mode == _MODE_ANS:
-        return entropy.decode_symbols(section[1:], expected_count=count).astype(np.int64)
+        yield from entropy.decode_slices(section[1:], sizes, expected_count=count)
+        return
     if mode == _MODE_PACKED:
         if len(section) < 1 + _PACKED_HEAD.size:
             raise MrcFormatError("quant payload: packed level header is truncated")
         lo, width = _PACKED_HEAD.unpack_from(section, 1)
         if width > 32 or len(section) != 1 + _PACKED_HEAD.size + math.ceil(count * width / 8):
             raise MrcFormatError("quant payload: packed level section has the wrong length")
-        return unpack_bits(section[1 + _PACKED_HEAD.size :], count, lo, width)
+        yield from _unpacked(section[1 + _PACKED_HEAD.size :], count, lo, width, sizes)
+        return
     raise MrcFormatError(f"quant payload: unknown level mode {mode}")
+
+
+def decode_levels(section: memoryview, count: int) -> np.ndarray:
+    """Inverse of :func:`encode_levels` (int32 levels); validates sizes before allocating."""
+    (levels,) = level_slices(section, count, [count])
+    return levels
+
+
+def _level_blocks(section: memoryview, layout: uniform.GroupLayout):
+    """``(block, levels)`` for each of ``layout``'s blocks, decoded in turn."""
+    blocks = layout.blocks()
+    for i, levels in enumerate(level_slices(section, layout.rows * layout.cols, [b.stop - b.start for b in blocks])):
+        yield blocks[i], levels
 
 
 class QuantCodec:
@@ -113,7 +163,7 @@ class QuantCodec:
             )
             scales = q.scale.numpy().astype("<f2" if q.half_scales else "<f4").tobytes()
             zps = entropy.encode_symbols(q.zero_point.numpy())
-            payload = scales + zps + encode_levels(q.levels.numpy())
+            payload = b"".join((scales, zps, encode_levels(q.levels.numpy())))
             params = {
                 "scheme": "uniform",
                 "bits": q.bits,
@@ -135,13 +185,13 @@ class QuantCodec:
             codes = entropy.encode_symbols(q.codes)
             params = {"scheme": "step", "rows": q.layout.rows, "cols": q.layout.cols, "group": q.layout.group,
                       "codes_bytes": len(codes)}
-            return codes + encode_levels(q.levels), params
+            return b"".join((codes, encode_levels(q.levels))), params
         if scheme == "l2":
             edge = float(torch.tensor(float(options["edge"]), dtype=torch.float32))
             step = float(torch.tensor(float(options["step"]), dtype=torch.float32))
             if not (edge > 0 and step > 0 and math.isfinite(edge) and math.isfinite(step)):
                 raise CodecError(f"L² edge and step must be positive and finite, got {edge}, {step}")
-            levels = l2.levels(tensor, edge, step)
+            levels = l2.levels(tensor, edge, step, dtype=torch.int32)
             return encode_levels(levels.numpy()), {"scheme": "l2", "edge": edge, "step": step}
         raise CodecError(f"unknown quant scheme {scheme!r}", hint=f"use one of: {', '.join(SCHEMES)}")
 
@@ -191,13 +241,16 @@ class QuantCodec:
             raise MrcFormatError(f"{where}: quant payload is shorter than its parameter sections")
 
     def decode(self, payload: bytes, record, device: Any = "cpu") -> torch.Tensor:
+        """The tensor, rebuilt a block of levels at a time (no whole-tensor level array)."""
         self.check(record)
         p = record.params
         dtype = torch_dtype(record.dtype)
         view = memoryview(payload)
         if p["scheme"] == "l2":
-            n = torch.from_numpy(decode_levels(view, record.numel))
-            return l2.dequantize_levels(n, p["edge"], p["step"], dtype).reshape(record.shape)
+            layout = uniform.GroupLayout(1, record.numel, max(record.numel, 1))
+            pieces = ((b, l2.dequantize_slice(torch.from_numpy(n), p["edge"], p["step"], dtype))
+                      for b, n in _level_blocks(view, layout))
+            return uniform.blockwise(layout, pieces, dtype, record.shape)
         if p["scheme"] == "step":
             return self._decode_step(view, record, dtype)
         layout = uniform.GroupLayout(p["rows"], p["cols"], p["group"])
@@ -206,12 +259,15 @@ class QuantCodec:
         if not torch.isfinite(scale).all() or (scale <= 0).any():
             raise MrcFormatError(f"tensor {record.name!r}: quant scales must be positive and finite")
         zero = torch.from_numpy(entropy.decode_symbols(view[sb : sb + zb], expected_count=layout.n_groups).astype(np.int64))
-        n = decode_levels(view[sb + zb :], record.numel)
         lo, hi = uniform.level_range(p["bits"], p["symmetric"])
-        if n.size and (n.min() < lo or n.max() > hi):
-            raise MrcFormatError(f"tensor {record.name!r}: quant levels fall outside the {p['bits']}-bit range")
-        levels = torch.from_numpy(n).reshape(record.shape)
-        return uniform.dequantize_grouped(levels, scale, zero, layout, dtype)
+
+        def pieces():
+            for block, n in _level_blocks(view[sb + zb :], layout):
+                if n.size and (n.min() < lo or n.max() > hi):
+                    raise MrcFormatError(f"tensor {record.name!r}: quant levels fall outside the {p['bits']}-bit range")
+                yield block, uniform.dequantize_block(torch.from_numpy(n), scale, zero, layout, block, dtype)
+
+        return uniform.blockwise(layout, pieces(), dtype, record.shape)
 
     def describe(self, record) -> dict[str, Any]:
         """What ``inspect`` shows: the scheme and its grid (groups, bit width, step codes)."""
@@ -236,10 +292,16 @@ class QuantCodec:
         codes = entropy.decode_symbols(view[:cb], expected_count=layout.n_groups).astype(np.int64)
         if codes.size and (codes.min() < step_grid.MIN_CODE or codes.max() > step_grid.MAX_CODE):
             raise MrcFormatError(f"tensor {record.name!r}: quant step codes fall outside {step_grid.MIN_CODE}..{step_grid.MAX_CODE}")
-        n = decode_levels(view[cb:], record.numel)
-        if n.size and int(np.abs(n).max()) > step_grid.MAX_LEVEL:
-            raise MrcFormatError(f"tensor {record.name!r}: quant levels exceed +-{step_grid.MAX_LEVEL}")
-        return step_grid.dequantize(n.reshape(record.shape), codes, layout, dtype)
+
+        steps = torch.from_numpy(step_grid.steps_of(codes))
+
+        def pieces():
+            for block, n in _level_blocks(view[cb:], layout):
+                if n.size and (n.min() < -step_grid.MAX_LEVEL or n.max() > step_grid.MAX_LEVEL):
+                    raise MrcFormatError(f"tensor {record.name!r}: quant levels exceed +-{step_grid.MAX_LEVEL}")
+                yield block, step_grid.dequantize_block(torch.from_numpy(n), steps, layout, block, dtype)
+
+        return uniform.blockwise(layout, pieces(), dtype, record.shape)
 
 
 CODEC = QuantCodec()

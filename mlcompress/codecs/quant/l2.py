@@ -17,6 +17,7 @@ file reproduces exactly the weights whose accuracy was reported.
 
 from __future__ import annotations
 
+from mlcompress.codecs.quant.uniform import element_slices, flat_view
 from mlcompress.lazy import torch
 
 
@@ -52,16 +53,26 @@ def fake_quantize(w: torch.Tensor, edge: torch.Tensor, step: torch.Tensor) -> tu
     return inverse(round_ste(c), edge, step), c
 
 
-def levels(w: torch.Tensor, edge: float | torch.Tensor, step: float | torch.Tensor) -> torch.Tensor:
-    """Hard integer levels ``round(T(w))`` as int64 on the CPU (what the codec stores).
+def levels(w: torch.Tensor, edge: float | torch.Tensor, step: float | torch.Tensor,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Hard integer levels ``round(T(w))`` on the CPU (what the codec stores), int64 unless
+    ``dtype`` says otherwise (the codec asks for int32 and gets a ValueError if one is wider).
 
     Computed in float64 from the float32 values of ``edge``/``step`` so encoder and evaluation
-    agree on every boundary case.
+    agree on every boundary case; a block of elements at a time (elementwise, so the same bits).
     """
     e = torch.as_tensor(edge, dtype=torch.float32).to(torch.float64)
     s = torch.as_tensor(step, dtype=torch.float32).to(torch.float64)
-    c = transform(w.detach().to("cpu", torch.float64), e, s)
-    return torch.round(c).to(torch.int64)
+    flat = flat_view(w)
+    dtype = torch.int64 if dtype is None else dtype
+    out = torch.empty(flat.numel(), dtype=dtype)
+    bound = torch.iinfo(dtype).max
+    for sl in element_slices(flat.numel()):
+        n = torch.round(transform(flat[sl].to(torch.float64), e, s)).to(torch.int64)
+        if dtype != torch.int64 and n.numel() and int(n.abs().max()) > bound:
+            raise ValueError(f"L² levels must fit in {dtype}")
+        out[sl] = n
+    return out.reshape(w.shape)
 
 
 def dequantize_levels(
@@ -71,12 +82,21 @@ def dequantize_levels(
 
     ``edge`` and ``step`` are taken at float32 precision, the precision the file stores.
     """
+    flat = flat_view(n)
+    out = torch.empty(flat.numel(), dtype=torch.float32 if dtype is None else dtype)
+    for sl in element_slices(flat.numel()):
+        out[sl] = dequantize_slice(flat[sl], edge, step, out.dtype)
+    return out.reshape(torch.as_tensor(n).shape)
+
+
+def dequantize_slice(n: torch.Tensor, edge: float, step: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize_levels` of a few levels (the codec's decoder calls it per slice)."""
     e = float(torch.tensor(edge, dtype=torch.float32))
     s = float(torch.tensor(step, dtype=torch.float32))
     n64 = torch.as_tensor(n).to("cpu", torch.float64)
     a = n64.abs()
     out = torch.sign(n64) * (e + (a - 0.5) * s)
-    return torch.where(a == 0, torch.zeros_like(out), out).to(torch.float32 if dtype is None else dtype)
+    return torch.where(a == 0, torch.zeros_like(out), out).to(dtype)
 
 
 def initial_edge_step(w: torch.Tensor) -> tuple[float, float]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+from mlcompress.codecs import entropy
 from mlcompress.lazy import numpy as np
 
 HIGH_RATE_LAMBDA = math.log(2.0) / 6.0
@@ -43,7 +44,7 @@ def level_bits(levels: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
     """``(table, lo, bits)``: ``bits[n - lo]`` is the cost of level ``n`` under the histogram of
     ``levels`` (unused levels cost ``log2(count) + NEW_LEVEL_BITS``); ``table`` is the histogram."""
     lo = int(levels.min()) - 1
-    counts = np.bincount(levels - lo, minlength=int(levels.max()) - lo + 2).astype(np.float64)
+    counts = entropy.range_counts(levels, lo, int(levels.max()) - lo + 2).astype(np.float64)
     total = float(levels.size)
     with np.errstate(divide="ignore"):
         bits = np.where(counts > 0, np.log2(total / np.maximum(counts, 1.0)), math.log2(total) + NEW_LEVEL_BITS)
@@ -53,21 +54,41 @@ def level_bits(levels: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
 def rdo_round(t: np.ndarray, lam: float = DEFAULT_LAMBDA, iterations: int = DEFAULT_ITERATIONS) -> np.ndarray:
     """Levels (int64) for values ``t`` given in steps; ``lam`` in step**2 per bit (0: nearest)."""
     t = np.asarray(t, dtype=np.float64).reshape(-1)
-    n = np.rint(t).astype(np.int64)
-    if lam <= 0 or t.size == 0:
+    return rdo_levels(lambda: [(slice(0, t.size), t)], t.size, lam, iterations=iterations, dtype=np.int64)
+
+
+def rdo_levels(blocks, size: int, lam: float = DEFAULT_LAMBDA, *, iterations: int = DEFAULT_ITERATIONS,
+               limit: float | None = None, too_large=None, dtype=None) -> np.ndarray:
+    """:func:`rdo_round` of ``size`` values that ``blocks()`` yields as ``(slice, float64 values)``
+    pairs, afresh (and identically) for each pass, so only the levels are held whole.
+
+    Why passes over blocks give the same levels as one whole-array pass: a level depends on its
+    own value and the histogram of the previous pass, nothing else. ``limit``: raise
+    ``too_large()`` if some ``|t|`` exceeds it (before any level is chosen by cost). ``dtype``
+    of the levels: int32 unless given.
+    """
+    n = np.empty(size, dtype=np.int32 if dtype is None else dtype)
+    for sl, t in blocks():
+        if limit is not None and t.size and float(np.abs(t).max()) > limit:
+            raise too_large()
+        n[sl] = np.rint(t).astype(np.int64)
+    if lam <= 0 or size == 0:
         return n
-    low = np.floor(t).astype(np.int64)
-    d_low = (t - low) ** 2
-    d_high = (low + 1 - t) ** 2
     for _ in range(iterations):
         _, lo, bits = level_bits(n)
-        # Levels outside the current histogram's span cost as much as an unused one.
-        span_low = np.clip(low - lo, 0, bits.size - 1)
-        span_high = np.clip(low + 1 - lo, 0, bits.size - 1)
-        c_low = d_low + lam * bits[span_low]
-        c_high = d_high + lam * bits[span_high]
-        chosen = np.where(c_high < c_low, low + 1, low)
-        if np.array_equal(chosen, n):
+        changed = False
+        for sl, t in blocks():
+            low = np.floor(t).astype(np.int64)
+            d_low = (t - low) ** 2
+            d_high = (low + 1 - t) ** 2
+            # Levels outside the current histogram's span cost as much as an unused one.
+            span_low = np.clip(low - lo, 0, bits.size - 1)
+            span_high = np.clip(low + 1 - lo, 0, bits.size - 1)
+            c_low = d_low + lam * bits[span_low]
+            c_high = d_high + lam * bits[span_high]
+            chosen = np.where(c_high < c_low, low + 1, low)
+            changed = changed or not np.array_equal(chosen, n[sl])
+            n[sl] = chosen
+        if not changed:
             break
-        n = chosen
     return n

@@ -32,8 +32,8 @@ import math
 from dataclasses import dataclass
 
 from mlcompress.codecs import entropy
-from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA, rdo_round
-from mlcompress.codecs.quant.uniform import GroupLayout
+from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA, rdo_levels
+from mlcompress.codecs.quant.uniform import GroupLayout, all_finite, blockwise, flat_view
 from mlcompress.errors import InputError, UsageError
 from mlcompress.lazy import numpy as np
 from mlcompress.lazy import torch
@@ -67,17 +67,23 @@ def dequantize(levels: torch.Tensor | np.ndarray, codes: np.ndarray, layout: Gro
     The one reconstruction rule: the quantizer evaluates these weights and the codec decodes
     exactly them.
     """
-    n = torch.as_tensor(np.asarray(levels)).to("cpu", torch.float64)
-    shape = tuple(n.shape)
-    s = layout.expand(torch.from_numpy(steps_of(codes)))
-    return (s * n.reshape(layout.rows, layout.cols)).to(dtype).reshape(shape)
+    flat = flat_view(torch.as_tensor(np.asarray(levels)))
+    steps = torch.from_numpy(steps_of(codes))
+    pieces = ((b, dequantize_block(flat[b.start : b.stop], steps, layout, b, dtype)) for b in layout.blocks())
+    return blockwise(layout, pieces, dtype, tuple(np.shape(levels)))
+
+
+def dequantize_block(levels, steps: torch.Tensor, layout: GroupLayout, block, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize` of one block's levels, ``steps`` being :func:`steps_of` the codes."""
+    s = layout.block_expand(steps, block)
+    return (s * torch.as_tensor(levels).to(torch.float64).reshape(block.shape)).to(dtype)
 
 
 @dataclass
 class StepQuantized:
     """Levels of one tensor on a step grid, with the step codes of its groups."""
 
-    levels: np.ndarray  # int64, flat, row-major over the layout
+    levels: np.ndarray  # int32 (|level| <= MAX_LEVEL), flat, row-major over the layout
     codes: np.ndarray  # int64, one per group
     layout: GroupLayout
     shape: tuple[int, ...]
@@ -92,19 +98,34 @@ def check_step(step: object) -> None:
         raise UsageError(f"--step must be a positive number, got {step!r}")
 
 
-def _group_rms(m: np.ndarray, layout: GroupLayout) -> np.ndarray:
-    sums = (layout.groups(torch.from_numpy(m)) ** 2).sum(dim=2).reshape(-1).numpy()
+def _group_rms(x: torch.Tensor, layout: GroupLayout) -> np.ndarray:
+    sums = np.empty(layout.n_groups, dtype=np.float64)
+    flat = flat_view(x)
+    for block in layout.blocks(whole_groups=True):
+        first, last = layout.group_span(block)
+        sums[first:last] = (layout.block_groups(flat, block) ** 2).sum(dim=2).reshape(-1).numpy()
     sizes = np.full(layout.groups_per_row, layout.group, dtype=np.float64)
     sizes[-1] -= layout.pad
     return np.sqrt(sums / np.tile(sizes, layout.rows))
 
 
-def group_codes(m: np.ndarray, layout: GroupLayout, step: float) -> np.ndarray:
+def _mean_square(x: torch.Tensor, layout: GroupLayout) -> float:
+    """``np.mean(m * m)`` of ``x`` in float64 as a ``rows x cols`` array. The squares are made a
+    block at a time, but summed in one call: numpy's pairwise sum depends on the whole array."""
+    flat = flat_view(x)
+    squares = np.empty(flat.numel(), dtype=np.float64)
+    for block in layout.blocks():
+        m = flat[block.start : block.stop].to(torch.float64).numpy()
+        np.multiply(m, m, out=squares[block.start : block.stop])
+    return float(np.mean(squares.reshape(layout.rows, layout.cols)))
+
+
+def group_codes(x: torch.Tensor, layout: GroupLayout, step: float) -> np.ndarray:
     """Step codes per group: ``step`` for one group, else scaled by group RMS / tensor RMS."""
     if layout.n_groups <= 1:
         return code_for(np.array([step]))[: layout.n_groups]
-    rms = _group_rms(m, layout)
-    whole = float(np.sqrt(np.mean(m * m))) if m.size else 0.0
+    rms = _group_rms(x, layout)
+    whole = float(np.sqrt(_mean_square(x, layout)))
     rel = np.where(rms > 0, rms / whole, 1.0) if whole > 0 else np.ones_like(rms)
     return code_for(step * rel)
 
@@ -115,17 +136,24 @@ def step_quantize(x: torch.Tensor, step: float, *, per_channel: bool = False, gr
     check_step(step)
     if not torch.is_floating_point(x):
         raise InputError(f"only floating-point tensors can be quantized, got {x.dtype}")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise InputError("tensor holds NaN or infinite values and cannot be quantized")
     layout = GroupLayout.for_shape(tuple(x.shape), per_channel=per_channel, group_size=group_size)
-    m = x.detach().to("cpu", torch.float64).reshape(layout.rows, layout.cols).numpy()
-    codes = group_codes(m, layout, step)
-    steps = layout.expand(torch.from_numpy(steps_of(codes))).numpy()
-    t = m / steps
-    if t.size and float(np.abs(t).max()) > MAX_LEVEL:
-        raise InputError(f"step {step:g} is too small for this tensor: levels would exceed {MAX_LEVEL}",
-                         hint="use a larger --step or a smaller --target-ratio")
-    levels = rdo_round(t, lam)
+    codes = group_codes(x, layout, step)
+    steps = torch.from_numpy(steps_of(codes))
+    flat = flat_view(x)
+    blocks = layout.blocks()
+
+    def scaled():  # the weights in steps, a block at a time (recomputed: identical every pass)
+        for block in blocks:
+            m = flat[block.start : block.stop].to(torch.float64).reshape(block.shape).numpy()
+            yield slice(block.start, block.stop), (m / layout.block_expand(steps, block).numpy()).reshape(-1)
+
+    def too_small() -> InputError:
+        return InputError(f"step {step:g} is too small for this tensor: levels would exceed {MAX_LEVEL}",
+                          hint="use a larger --step or a smaller --target-ratio")
+
+    levels = rdo_levels(scaled, flat.numel(), lam, limit=MAX_LEVEL, too_large=too_small)
     return StepQuantized(levels, codes, layout, tuple(x.shape), x.dtype)
 
 
@@ -135,7 +163,7 @@ def estimated_payload_bytes(q: StepQuantized) -> float:
     def stream(values: np.ndarray) -> float:
         if values.size == 0:
             return 16.0
-        _, _, counts = entropy.histogram(values)
+        _, counts = entropy.symbol_counts(values)
         info = float(np.sum(counts * np.log2(values.size / counts))) if counts.size > 1 else 0.0
         return 16.0 + 12.0 * counts.size + 4.0 * math.ceil(info / 32.0)
 
