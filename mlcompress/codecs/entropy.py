@@ -101,23 +101,10 @@ class _Table:
 
 
 def symbol_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct values (sorted) and their counts, without the per-value indices of :func:`histogram`."""
+    """Distinct values (sorted) and their counts, as ``np.unique(values, return_counts=True)``
+    gives them (counted in slices; no per-value array is made)."""
     table = _Table(np.asarray(values).reshape(-1))
     return table.symbols, table.counts
-
-
-def histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct values (sorted), each value's index among them (int32), and their counts.
-
-    Same values as ``np.unique(..., return_inverse=True, return_counts=True)``, with a counting
-    fast path for small ranges (byte planes, quantization levels) that avoids a full sort.
-    """
-    values = np.asarray(values).reshape(-1)
-    table = _Table(values)
-    inverse = np.empty(values.size, dtype=np.int32)
-    for sl in slices(values.size):
-        inverse[sl] = table.index(values[sl])
-    return table.symbols, inverse, table.counts
 
 
 def encode_symbols(values: np.ndarray) -> bytes:

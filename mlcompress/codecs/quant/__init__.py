@@ -64,14 +64,9 @@ def pack_bits(values: np.ndarray, lo: int, width: int) -> bytes:
     return b"".join(out)
 
 
-def unpack_bits(data: memoryview, count: int, lo: int, width: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits` (int32 values: the level section holds int32 levels)."""
-    (values,) = _unpacked(data, count, lo, width, [count])
-    return values
-
-
 def _unpacked(data: memoryview, count: int, lo: int, width: int, sizes):
-    """The packed values in consecutive slices of ``sizes``; a slice may start inside a byte."""
+    """The packed values (int32, as the level section holds int32 levels) in consecutive slices
+    of ``sizes``; a slice may start inside a byte."""
     view = np.frombuffer(data, dtype=np.uint8)
     start = 0
     for size in sizes:
