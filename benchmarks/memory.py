@@ -17,6 +17,7 @@ roughly flat from one size to the next.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -52,6 +53,21 @@ def largest_fp32_bytes(size: str) -> int:
     return VOCAB * SHAPES[size]["n_embd"] * 4
 
 
+def token_data(work: Path) -> Path:
+    """Held-out data for ``diverge`` as token ids (random models have no tokenizer): 8 documents
+    of 512 ids, 2,048 scored positions at --ctx 256 with llama.cpp's rule."""
+    import json
+    import random
+
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "val-ids.jsonl"
+    if not path.exists():
+        rng = random.Random(0)
+        path.write_text("".join(json.dumps({"input_ids": [rng.randrange(VOCAB) for _ in range(512)]}) + "\n"
+                                for _ in range(8)))
+    return path
+
+
 def commands(model: Path, work: Path) -> dict[str, list[str]]:
     """Each streaming command, as ``mlcompress`` arguments, writing into ``work``."""
     lossless, q4 = work / "lossless.mrc", work / "q4.mrc"
@@ -62,6 +78,8 @@ def commands(model: Path, work: Path) -> dict[str, list[str]]:
         "prune --sparsity 0.5": ["prune", str(model), "--sparsity", "0.5", "-o", str(work / "pruned.safetensors"),
                                  "--force"],
         "decode (4-bit file)": ["decode", str(q4), "-o", str(work / "q4.safetensors"), "--force"],
+        "diverge (4-bit file, 2,048 positions)": ["diverge", str(model), str(q4), "--data", str(token_data(work)),
+                                                  "--ctx", "256", "--device", "cpu"],
     }
 
 
@@ -110,10 +128,16 @@ def main() -> int:
     parser.add_argument("--baseline", default="HEAD", help="the commit to compare with (default: HEAD, the "
                         "last commit, when the working tree holds the change)")
     parser.add_argument("--only", nargs="*", help="run only the commands whose label starts with one of these")
+    parser.add_argument("--side", choices=("before", "after", "both", "cached"), default="both",
+                        help="measure only one column (the other comes from the last run's cache, "
+                        "runs/mem-models/results.json, so the slow baseline can run while the change is made), "
+                        "or none: 'cached' prints (and with --write-docs records) the cached figures")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     start = time.perf_counter()
     base = baseline_tree(args.baseline)
+    cache_path = MODELS / "results.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     rows = []
     for size in args.sizes:
         model = build(size)
@@ -122,8 +146,18 @@ def main() -> int:
             if args.only and not any(label.startswith(o) for o in args.only):
                 continue
             (MODELS / f"work-{size}").mkdir(exist_ok=True)
-            old = measure(cmd, base)
-            new = measure(cmd, ROOT)
+            key = f"{size} {label}"
+            entry = cache.setdefault(key, {})
+            if args.side in ("before", "both"):
+                # the baseline's 4-bit file is written by its own quantize first, in the same order
+                entry["before"] = measure(cmd, base)
+            if args.side in ("after", "both"):
+                entry["after"] = measure(cmd, ROOT)
+            cache_path.write_text(json.dumps(cache, indent=1))
+            if "before" not in entry or "after" not in entry:
+                print(f"{key}: {entry}", flush=True)
+                continue
+            old, new = entry["before"], entry["after"]
             rows.append((size, label, old, new, ceiling))
             print(f"{size} {label}: before {old[0]:,.0f} MiB {old[1]:.1f} s; after {new[0]:,.0f} MiB {new[1]:.1f} s; "
                   f"ceiling {ceiling:,.0f} MiB", flush=True)
@@ -135,8 +169,13 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        record_run("memory", f"benchmarks/memory.py --sizes {' '.join(args.sizes)} --baseline {args.baseline}",
-                   time.perf_counter() - start, f"Before: commit `{args.baseline}`; after: the working tree.\n\n{table}",
+        measured = sum(r[1] for _, _, old, new, _ in rows for r in (old, new))  # the commands' own wall time
+        record_run("memory", f"benchmarks/memory.py --sizes {' '.join(args.sizes)} --baseline {args.baseline} "
+                   "(run as --side before, then --side after)", measured,
+                   f"Before: commit `{args.baseline}` (a git worktree); after: the working tree. Each cell is one "
+                   "command in a fresh process: peak RSS (ru_maxrss) / wall time. The two sides were measured in "
+                   "separate passes while other jobs shared the 2 cores, so wall times compare only roughly; peak "
+                   "RSS does not depend on the load.\n\n" + table,
                    heading="## Memory of the streaming commands (issue 13)")
     return 0
 

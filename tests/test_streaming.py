@@ -228,5 +228,8 @@ def test_encode_memory_is_bounded_by_the_largest_tensor(tmp_path: Path, method: 
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
     grown = figures["peak"] - figures["base"]
-    assert grown <= 3 * largest + MALLOC_SLACK, f"{method} encode grew peak RSS by {grown / 2**20:.1f} MiB"
+    # The quant codec also keeps fixed-size working buffers (blocks of 2^18 elements of several
+    # arrays, the entropy coder's slices): a constant, which the goal's 400 MiB covers.
+    fixed = (32 << 20) if method == "quant" else 0
+    assert grown <= 3 * largest + MALLOC_SLACK + fixed, f"{method} encode grew peak RSS by {grown / 2**20:.1f} MiB"
     assert len(open_mrc(out).records) == 8

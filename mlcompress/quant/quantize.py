@@ -289,7 +289,9 @@ def _quantize_streaming(src: Path, dst: Path, options: Quant | Float, *, force: 
     def encode_one(name: str, tensor: torch.Tensor):
         nonlocal zeros, quantized
         if plan[name][0] == "quant":  # sparsity: zeros of what a decoder rebuilds
-            zeros += int((dequantize_uniform({name: tensor}, {name: plan[name]})[name] == 0).sum())
+            rebuilt = dequantize_uniform({name: tensor}, {name: plan[name]})[name]
+            zeros += rebuilt.numel() - int(torch.count_nonzero(rebuilt))  # not (t == 0).sum(): 8 B/element
+            del rebuilt
             quantized += tensor.numel()
         return encode(name, tensor)
 
