@@ -153,7 +153,10 @@ def main() -> int:
                 entry["before"] = measure(cmd, base)
             if args.side in ("after", "both"):
                 entry["after"] = measure(cmd, ROOT)
-            cache_path.write_text(json.dumps(cache, indent=1))
+            # merge into the file as it is now: a pass of the other side may be writing it too
+            latest = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+            latest.setdefault(key, {}).update(entry)
+            cache_path.write_text(json.dumps(latest, indent=1))
             if "before" not in entry or "after" not in entry:
                 print(f"{key}: {entry}", flush=True)
                 continue
