@@ -40,15 +40,20 @@ DTYPE_CODES: dict[torch.dtype, str] = {
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor a stream will hold: known before its values are."""
+    """One tensor known before its values are: what a stream will hold, or what a checkpoint's
+    header says of a tensor (:mod:`mlcompress.checkpoint.source` calls it ``TensorInfo``)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return self.numel * self.dtype.itemsize
 
 
 def check_storable(name: str, dtype: torch.dtype) -> None:

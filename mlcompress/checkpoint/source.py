@@ -36,7 +36,7 @@ from mlcompress.checkpoint import checkpoint_format
 from mlcompress.checkpoint.hf import find_weights, load_hf_directory, read_weight_map, shard_paths
 from mlcompress.checkpoint.pickled import load_torch_file, load_torchscript
 from mlcompress.checkpoint.safetensors_file import ALIASES_KEY, parse_aliases
-from mlcompress.checkpoint.safetensors_stream import DTYPE_CODES
+from mlcompress.checkpoint.safetensors_stream import DTYPE_CODES, TensorEntry
 from mlcompress.container import open_mrc, shared_storage_aliases
 from mlcompress.errors import CheckpointError
 from mlcompress.format.dtypes import torch_dtype
@@ -45,24 +45,8 @@ from mlcompress.format.dtypes import torch_dtype
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """What the header says of one stored tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+#: What the header says of one stored tensor: its name, shape and dtype.
+TensorInfo = TensorEntry
 
 
 class TensorSource:
