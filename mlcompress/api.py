@@ -229,14 +229,15 @@ def train(task: str, dst: str | os.PathLike, *, data: str | os.PathLike | None =
 
 
 def evaluate(task: str, path: str | os.PathLike, *, data: str | os.PathLike | None = None, samples: int = 0,
-             seed: int = 0, device: str = "auto", unsafe_pickle: bool = False) -> dict[str, Any]:
+             seed: int = 0, device: str = "auto", unsafe_pickle: bool = False,
+             progress: Progress | None = None) -> dict[str, Any]:
     """Test-set loss and metric of the weights in ``path`` (any checkpoint, ``.mrc`` or posterior)."""
     _existing(path)
     from mlcompress.posterior.evaluation import evaluate_file
     from mlcompress.tasks import get_task
 
     return evaluate_file(get_task(task, data, path), path, samples=samples, seed=seed, device=device,
-                         unsafe_pickle=unsafe_pickle)
+                         unsafe_pickle=unsafe_pickle, progress=progress)
 
 
 def diverge(ref: str | os.PathLike | None, cmp: str | os.PathLike, options: "DivergeOptions | None" = None, *,

@@ -198,3 +198,19 @@ def test_a_bad_interval_is_a_usage_error(model, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and INTERVAL_VARIABLE in proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "b.mrc").exists()
+
+
+def test_evaluate_reports_the_examples_it_has_scored(tmp_path):
+    """``eval`` has a phase too: the examples done, rising to the test set's size."""
+    import torch
+
+    import mlcompress
+    from mlcompress.tasks import get_task
+
+    torch.manual_seed(0)
+    path = tmp_path / "digits.pt"
+    torch.save(get_task("mlp-digits").make_model().state_dict(), path)
+    updates = []
+    summary = mlcompress.evaluate("mlp-digits", path, device="cpu", progress=updates.append)
+    done = [u.done for u in updates if u.phase == "eval"]
+    assert done and done == sorted(done) and done[-1] == summary["examples"]

@@ -29,7 +29,9 @@ def eval_command(
 ) -> None:
     """Evaluate FILE on the test set of --task: loss and accuracy."""
     out = Output(json, quiet)
-    summary = api.evaluate(task, file, data=data, samples=samples, seed=seed, device=device, unsafe_pickle=unsafe_pickle)
+    with out.tracker() as progress:
+        summary = api.evaluate(task, file, data=data, samples=samples, seed=seed, device=device,
+                               unsafe_pickle=unsafe_pickle, progress=progress)
 
     def render(console: Console) -> None:
         name = summary["metric_name"]

@@ -16,6 +16,7 @@ from mlcompress.checkpoint import load_checkpoint
 from mlcompress.device import resolve_device
 from mlcompress.errors import UsageError
 from mlcompress.posterior.file import is_posterior_file, load_posterior
+from mlcompress.progress import Progress, report
 from mlcompress.tasks import Evaluation, Task, evaluate_model, load_task_model
 
 
@@ -27,6 +28,7 @@ def evaluate_file(
     seed: int = 0,
     device: str | torch.device = "auto",
     unsafe_pickle: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate the weights in ``path`` on ``task``'s test set; a summary dict for reports.
 
@@ -50,7 +52,8 @@ def evaluate_file(
             for name, q in posterior.tensors.items():
                 noise = torch.randn(q.mean.shape, generator=generator) if samples else 0.0
                 state[name] = posterior.weights(name, q.mean + q.std * noise)
-            draws.append(evaluate_model(task, load_task_model(task, state, dev), device=dev))
+            draws.append(evaluate_model(task, load_task_model(task, state, dev), device=dev, progress=progress))
+            report(progress, "eval draws", len(draws), max(samples, 1), "draws")
         result = _mean_of(draws)
         if samples > 1:
             summary[f"{result.metric_name}_std"] = statistics.stdev(d.metric for d in draws)
@@ -60,7 +63,7 @@ def evaluate_file(
             raise UsageError("--samples applies to posterior files only")
         state = load_checkpoint(source, unsafe_pickle=unsafe_pickle)
         summary["kind"] = "checkpoint"
-        result = evaluate_model(task, load_task_model(task, state, dev), device=dev)
+        result = evaluate_model(task, load_task_model(task, state, dev), device=dev, progress=progress)
     summary.update(
         loss=result.loss, metric_name=result.metric_name, examples=result.examples,
         device=str(dev),
