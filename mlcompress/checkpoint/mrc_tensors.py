@@ -46,10 +46,6 @@ class DecodePlan:
     aliases: dict[str, str]
     scales: frozenset[str]  # the entries that are fp8 scales (keep_dtype), decoded with their tensor
 
-    @property
-    def largest_bytes(self) -> int:
-        return max((e.nbytes for e in self.entries), default=0)
-
 
 def _kept(mrc: MrcFile, name: str) -> tuple[torch.dtype, tuple[int, ...] | None]:
     """The dtype ``name`` keeps with ``keep_dtype`` and its scale's shape (None: no scale)."""

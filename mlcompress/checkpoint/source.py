@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -49,7 +50,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in DTY
 TensorInfo = TensorEntry
 
 
-class TensorSource:
+class TensorSource(ABC):
     """Names, shapes and ties of a checkpoint's tensors, with each tensor read on demand.
 
     ``names`` is every name in order (aliases included); ``aliases`` maps a tied name to the
@@ -73,18 +74,10 @@ class TensorSource:
         """Shape and dtype of ``name`` (an alias answers for its stored tensor)."""
         return self._infos[self.aliases.get(name, name)]
 
-    @property
-    def largest_bytes(self) -> int:
-        """Bytes of the largest stored tensor in its own dtype."""
-        return max((i.nbytes for i in self._infos.values()), default=0)
-
+    @abstractmethod
     def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` for every stored tensor, in order, one read at a time."""
-        for name in self.stored:
-            yield name, self.get(name)
+        """A fresh copy of the stored tensor ``name`` (or of an alias's stored tensor), which the
+        caller owns: each format reads it its own way."""
 
     def load_all(self) -> dict[str, torch.Tensor]:
         """Every tensor, ties restored as one object, as :func:`load_checkpoint` returns them."""

@@ -142,11 +142,6 @@ class MrcWriter:
             self._spool_path.unlink(missing_ok=True)
             self._spool_path = None
 
-    @property
-    def payload_bytes(self) -> int:
-        """Payload bytes added so far."""
-        return sum(r.length for r in self.records if r.alias_of is None)
-
     def add(self, entry: Entry) -> None:
         """Record one tensor (its payload written to the spool at once) or alias."""
         if entry.name in self._names:
