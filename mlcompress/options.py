@@ -26,7 +26,7 @@ from mlcompress.selection import Selection
 #: The fixed-width grid's default bit width.
 DEFAULT_BITS = 8
 #: How ``--step``/``--target-ratio`` spread steps over tensors (mlcompress/quant/rate.py).
-ALLOCATIONS = ("auto", "norm", "equal")
+ALLOCATIONS = ("auto", "norm", "equal", "hessian")
 
 
 def _fields(options: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -155,10 +155,11 @@ class Quant:
     target_ratio: float | None = None
     allocation: str = "auto"
     rdo_lambda: float = DEFAULT_LAMBDA
-    task: str | None = None  # optional: report the task's metric before and after
+    task: str | None = None  # optional: report the task's metric before and after (hessian: its data)
     data: str | None = None
     device: str = "auto"
     select: Selection = Selection()  # --include/--exclude: which tensors are quantized (the rest: lossless)
+    calib_samples: int = 1000  # allocation hessian: calibration inputs its sensitivities come from
 
     @property
     def entropy_constrained(self) -> bool:
@@ -192,13 +193,19 @@ class Quant:
             check_target_ratio(self.target_ratio)
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown --allocation {self.allocation!r}", hint=f"use one of: {', '.join(ALLOCATIONS)}")
+        if self.allocation == "hessian" and not self.task:
+            raise UsageError("--allocation hessian needs --task (the calibration data its sensitivities come from)",
+                             hint="pass --task NAME, or use --allocation auto")
+        if self.allocation == "hessian" and not (isinstance(self.calib_samples, int) and self.calib_samples >= 1):
+            raise UsageError(f"--calib-samples must be a positive integer, got {self.calib_samples}")
         if not (isinstance(self.rdo_lambda, (int, float)) and math.isfinite(self.rdo_lambda) and self.rdo_lambda >= 0):
             raise UsageError(f"--rdo-lambda must be a number >= 0, got {self.rdo_lambda}")
 
     def as_dict(self) -> dict[str, Any]:
         if self.entropy_constrained:
             keys = ("step", "target_ratio", "allocation", "rdo_lambda", "per_channel", "group_size")
-            return {"method": "step", **{k: getattr(self, k) for k in keys}, **self.select.as_dict()}
+            calib = {"calib_samples": self.calib_samples} if self.allocation == "hessian" else {}
+            return {"method": "step", **{k: getattr(self, k) for k in keys}, **calib, **self.select.as_dict()}
         d = {k: v for k, v in asdict(self).items() if k in ("symmetric", "per_channel", "group_size")}
         return {"method": "uniform", "bits": self.resolved_bits, **d, **self.select.as_dict()}
 

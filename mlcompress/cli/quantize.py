@@ -38,7 +38,7 @@ def quantize(
     method: Annotated[str, typer.Option("--method", help="uniform (data-free) or l2 (learned, needs --task).")] = "uniform",
     bits: Annotated[Optional[int], typer.Option("--bits", help="uniform: a fixed-width grid of this many bits per level, 1-16 (default 8 unless --step or --target-ratio).")] = None,
     step: Annotated[Optional[float], typer.Option("--step", help="uniform, entropy-constrained: the grid step of the tensor with the largest norm (others by --allocation).")] = None,
-    allocation: Annotated[str, typer.Option("--allocation", help="--step/--target-ratio: auto (equal for transformers with LayerNorm/RMSNorm, norm otherwise), norm (steps proportional to each tensor's Frobenius norm) or equal (one step).")] = "auto",
+    allocation: Annotated[str, typer.Option("--allocation", help="--step/--target-ratio: auto (equal for transformers with LayerNorm/RMSNorm, norm otherwise), norm (steps proportional to each tensor's Frobenius norm) or equal (one step); hessian (needs --task): steps from each tensor's Fisher diagonal on the task's calibration inputs, step ∝ mean(F)^-1/2.")] = "auto",
     rdo_lambda: Annotated[float, typer.Option("--rdo-lambda", help="--step/--target-ratio: rate-distortion optimised rounding, weight in step^2 per bit (default 0: nearest rounding, measured best for the output; ln2/6 ≈ 0.1155 is the high-rate slope, lowest weight error).")] = DEFAULT_LAMBDA,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="uniform and fp8: one scale (and zero-point) per output channel.")] = False,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="uniform: one scale/zero-point per N consecutive weights of a channel.")] = None,
@@ -47,7 +47,7 @@ def quantize(
     task: options.OptionalTask = None,
     data: options.DataDir = None,
     target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", help="File size target, fp32 bytes / file bytes: uniform searches the entropy-constrained step for it; l2 trains for it (default 20).")] = None,
-    calib_samples: Annotated[int, typer.Option("--calib-samples", help="l2: calibration inputs taken from the task's training set.")] = 1000,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="l2 and --allocation hessian: calibration inputs taken from the task's training set.")] = 1000,
     kernel: Annotated[str, typer.Option("--kernel", help="l2: differentiable counter kernel: cos, linear or triangle.")] = "cos",
     output: options.Output = None,
     safetensors: Annotated[Optional[Path], typer.Option("--safetensors", help="Also write the dequantized weights here.", dir_okay=False)] = None,
@@ -78,7 +78,7 @@ def quantize(
         chosen = api.Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size,
                            step=step, target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda,
                            task=task, data=str(data) if data is not None else None, device=device,
-                           select=selection_of(include, exclude))
+                           select=selection_of(include, exclude), calib_samples=calib_samples)
         chosen.validate()  # before torch is imported: a usage error answers at once
     elif method == "l2":
         given = _given(ctx, {"step": "--step", "bits": "--bits", "allocation": "--allocation", "rdo_lambda": "--rdo-lambda"})

@@ -57,7 +57,9 @@ from mlcompress.quant.calibrate import L2Config, l2_compress
 from mlcompress.codecs.low_precision import float_format as low_precision_format
 from mlcompress.quant.low_precision import dequantize_float, float_plan
 from mlcompress.quant.rate import resolve_allocation, search_step, step_factors, step_plan
-from mlcompress.quant.plan import LOSSY_CODECS, FileSize, Plan, measure_file, plan_encoder, uniform_plan, write_plan
+from mlcompress.quant.plan import (LOSSY_CODECS, FileSize, Plan, measure_file, plan_encoder, quantizable_names,
+                                   uniform_plan, write_plan)
+from mlcompress.quant.sensitivity import fisher_diagonal, tensor_sensitivity
 from mlcompress.selection import Selection
 from mlcompress.report import Report
 from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
@@ -90,11 +92,12 @@ def _metadata(src: Path, options: dict[str, Any], task_obj, before, after) -> di
 
 
 def _step_plan(tensors: dict[str, torch.Tensor], quant: Quant,
-               metadata_for: Callable[[float], dict[str, Any]], select: Callable[[str], bool]) -> tuple[Plan, float]:
+               metadata_for: Callable[[float], dict[str, Any]], select: Callable[[str], bool],
+               sensitivity: dict[str, float] | None = None) -> tuple[Plan, float]:
     """The entropy-constrained plan: the given step, or the one searched for the target ratio
     (each trial file carries the header the real file will have, so tiny models land too)."""
     kwargs = dict(allocation=quant.allocation, per_channel=quant.per_channel, group_size=quant.group_size,
-                  lam=quant.rdo_lambda, select=select)
+                  lam=quant.rdo_lambda, select=select, sensitivity=sensitivity)
     if quant.step is not None:
         return step_plan(tensors, quant.step, **kwargs), quant.step
     with tempfile.TemporaryDirectory(prefix="mlcompress-rate-") as tmp:
@@ -105,6 +108,16 @@ def _step_plan(tensors: dict[str, torch.Tensor], quant: Quant,
 
         step, plan, _ = search_step(tensors, quant.target_ratio, measure, **kwargs)
     return plan, step
+
+
+def _sensitivity(task, tensors: dict[str, torch.Tensor], select: Callable[[str], bool], samples: int, device,
+                 progress: Progress | None) -> dict[str, float]:
+    """``--allocation hessian``: each quantized tensor's mean Fisher diagonal on ``samples`` of
+    the task's calibration inputs (the ones L² distils on)."""
+    model = load_task_model(task, tensors, device)
+    fisher = fisher_diagonal(model, task.calibration(samples), quantizable_names(tensors, select), device=device,
+                             progress=progress)
+    return tensor_sensitivity(fisher)
 
 
 def _sparsity(summary: dict[str, Any], tensors, plan: Plan, dequantized) -> None:
@@ -169,7 +182,8 @@ def quantize_checkpoint(
         raise UsageError(f"unknown method {method!r}", hint=f"use one of: {', '.join(METHODS)}")
     if method == "uniform":
         quant = Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size, step=step,
-                      target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda, select=select)
+                      target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda, select=select,
+                      task=task, calib_samples=calib_samples)
         quant.validate()
     elif method == "float":
         Float(format=float_format, per_channel=per_channel, select=select).validate()
@@ -213,7 +227,9 @@ def quantize_checkpoint(
             # not known yet (metric_before stands in: a number of the same kind).
             return _metadata(src, dict(quant.as_dict(), step=trial_step), task_obj, before, before)
 
-        plan, chosen_step = _step_plan(tensors, quant, trial_metadata, chosen)
+        sensitivity = (_sensitivity(task_obj, tensors, chosen, quant.calib_samples, dev, progress)
+                       if quant.allocation == "hessian" else None)
+        plan, chosen_step = _step_plan(tensors, quant, trial_metadata, chosen, sensitivity)
         options = dict(quant.as_dict(), step=chosen_step)
         to_store, dequantized = tensors, dequantize_uniform(tensors, plan)
         summary.update(options)

@@ -25,8 +25,17 @@ How the steps of the tensors relate (``allocation``):
   weight whatever the layer: the squared-error optimum, ``equal``. Measured on two GPT-2s and
   two LeNet-5s each way in docs/quantize.md.
 
+* ``hessian`` (needs ``--task``): each tensor's step from its mean Fisher diagonal on the task's
+  calibration inputs (:mod:`mlcompress.quant.sensitivity`), ``step_t ∝ mean(F_t)**-0.5``. With
+  uniform rounding noise the expected KL to the original of tensor ``t`` is
+  ``½ step_t**2/12 Σ_{i∈t} F_i``, and its rate falls by ``log2 step_t`` bits per weight; the
+  Lagrangian of the summed KL at a total rate ``Σ_t numel_t log2(1/step_t)`` gives
+  ``step_t**2 mean(F_t) = const``: the same ``equal`` argument with each weight's squared error
+  weighted by its sensitivity. A tensor the output does not depend on (``mean(F_t) = 0``) gets
+  the coarsest step any other tensor gets.
+
 ``--step S`` gives the step of the tensor with the largest norm (every tensor's with
-``equal``); ``--target-ratio R`` searches it.
+``equal``; the least sensitive tensor's with ``hessian``); ``--target-ratio R`` searches it.
 
 The search bisects the step on a log scale against the payload size estimated from histograms
 (:func:`mlcompress.codecs.quant.step.estimated_payload_bytes`), with the rest of the file (header,
@@ -80,25 +89,37 @@ def resolve_allocation(tensors: Mapping[str, torch.Tensor], allocation: str) -> 
 
 
 def step_factors(tensors: Mapping[str, torch.Tensor], allocation: str = "auto",
-                 select: Callable[[str], bool] | None = None) -> dict[str, float]:
+                 select: Callable[[str], bool] | None = None,
+                 sensitivity: Mapping[str, float] | None = None) -> dict[str, float]:
     """Each quantized tensor's step relative to the given ``--step`` (the largest is 1): the
-    :func:`~mlcompress.quant.plan.quantizable_names`, narrowed by ``select``."""
+    :func:`~mlcompress.quant.plan.quantizable_names`, narrowed by ``select``. ``hessian`` needs
+    ``sensitivity``, each tensor's mean Fisher diagonal
+    (:func:`mlcompress.quant.sensitivity.tensor_sensitivity`)."""
     allocation = resolve_allocation(tensors, allocation)
     names = quantizable_names(tensors, select)
     if allocation == "equal":
         return {n: 1.0 for n in names}
-    norms = {n: float(torch.linalg.vector_norm(tensors[n].detach().double())) for n in names}
-    top = max(norms.values(), default=0.0)
-    return {n: (v / top if v > 0 and top > 0 else 1.0) for n, v in norms.items()}
+    if allocation == "hessian":
+        if sensitivity is None or any(n not in sensitivity for n in names):
+            raise UsageError("allocation 'hessian' needs the mean Fisher diagonal of every quantized tensor",
+                             hint="compute it with mlcompress.quant.sensitivity.tensor_sensitivity")
+        # step ∝ mean(F)**-0.5: the largest step belongs to the least sensitive tensor.
+        scale = {n: sensitivity[n] ** -0.5 for n in names if sensitivity[n] > 0}
+    else:
+        scale = {n: float(torch.linalg.vector_norm(tensors[n].detach().double())) for n in names}
+        scale = {n: v for n, v in scale.items() if v > 0}
+    top = max(scale.values(), default=0.0)
+    return {n: (scale[n] / top if n in scale and top > 0 else 1.0) for n in names}
 
 
 def step_plan(tensors: Mapping[str, torch.Tensor], step: float, *, allocation: str = "auto",
               per_channel: bool = False, group_size: int | None = None, lam: float = DEFAULT_LAMBDA,
-              factors: Mapping[str, float] | None = None, select: Callable[[str], bool] | None = None) -> Plan:
+              factors: Mapping[str, float] | None = None, select: Callable[[str], bool] | None = None,
+              sensitivity: Mapping[str, float] | None = None) -> Plan:
     """``quant`` with the ``step`` scheme for the tensors of ``factors`` (default: the
     :func:`step_factors` of the quantizable tensors ``select`` keeps), ``lossless`` for the rest."""
     check_step(step)
-    factors = factors if factors is not None else step_factors(tensors, allocation, select)
+    factors = factors if factors is not None else step_factors(tensors, allocation, select, sensitivity)
     options = {"scheme": "step", "per_channel": per_channel, "group_size": group_size, "lam": float(lam)}
     return {name: (("quant", dict(options, step=float(step) * factors[name])) if name in factors else ("lossless", {}))
             for name in tensors}
@@ -120,6 +141,7 @@ def search_step(
     group_size: int | None = None,
     lam: float = DEFAULT_LAMBDA,
     select: Callable[[str], bool] | None = None,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> tuple[float, Plan, FileSize]:
     """The global step whose file is ``fp32 bytes / target_ratio`` bytes, its plan and its size.
 
@@ -131,7 +153,7 @@ def search_step(
     names = quantizable_names(tensors, select)
     if not names:
         raise UsageError("--target-ratio: the model has no tensor to quantize (conv/linear weights)")
-    factors = step_factors(tensors, allocation, select)
+    factors = step_factors(tensors, allocation, select, sensitivity)
     quantizer: dict[str, Any] = {"per_channel": per_channel, "group_size": group_size, "lam": lam}
     kwargs: dict[str, Any] = dict(quantizer, factors=factors)
 
