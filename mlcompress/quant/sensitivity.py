@@ -28,7 +28,7 @@ the ``lm`` task's ``[batch, window, vocab]``), as L² and ``diverge`` already as
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +39,21 @@ from mlcompress.progress import Progress, report
 
 #: Seed of the label draw (a fixed default: the same calibration set gives the same file).
 DEFAULT_SEED = 0
+
+
+def sampled_log_likelihoods(model: nn.Module, inputs: torch.Tensor, *, seed: int = DEFAULT_SEED,
+                            device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, int]]:
+    """Per calibration input (a row of ``inputs``), in order: the summed log-likelihood of labels
+    drawn from ``model``'s own output distributions (one label per distribution, seeded), still
+    differentiable, and how many distributions it sums. Its gradient's square estimates the
+    Fisher diagonal summed over those distributions (module docstring)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    dev = torch.device(device)
+    for i in range(len(inputs)):
+        logits = model(inputs[i : i + 1].to(dev))
+        log_p = F.log_softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1)
+        labels = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).to(dev)
+        yield log_p.gather(1, labels).sum(), log_p.shape[0]
 
 
 def fisher_diagonal(model: nn.Module, inputs: torch.Tensor, names: Iterable[str], *, seed: int = DEFAULT_SEED,
@@ -67,18 +82,14 @@ def fisher_diagonal(model: nn.Module, inputs: torch.Tensor, names: Iterable[str]
         p.requires_grad_(n in names)
     chosen = [params[n] for n in names]
     sums = [torch.zeros(p.shape, dtype=torch.float64, device=dev) for p in chosen]
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     distributions = 0
     try:
-        for i in range(len(inputs)):
-            logits = model(inputs[i : i + 1].to(dev))
-            log_p = F.log_softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1)
-            labels = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).to(dev)
-            grads = torch.autograd.grad(log_p.gather(1, labels).sum(), chosen, allow_unused=True)
+        for i, (log_likelihood, count) in enumerate(sampled_log_likelihoods(model, inputs, seed=seed, device=dev)):
+            grads = torch.autograd.grad(log_likelihood, chosen, allow_unused=True)
             for total, g in zip(sums, grads):
                 if g is not None:
                     total.add_(g.double().square())
-            distributions += log_p.shape[0]
+            distributions += count
             report(progress, "sensitivity", i + 1, len(inputs), "inputs")
     finally:
         for n, p in params.items():
