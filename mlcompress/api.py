@@ -98,7 +98,7 @@ def encode(src: Source, dst: str | os.PathLike | None = None, *, method: Method 
                                           step=method.step, target_ratio=method.target_ratio,
                                           allocation=method.allocation, rdo_lambda=method.rdo_lambda,
                                           task=method.task, data=method.data, device=method.device,
-                                          select=method.select, calib_samples=method.calib_samples)
+                                          select=method.select, calib_samples=method.calib_samples, dq=method.dq)
         elif isinstance(method, Float):
             kwargs = dict(method="float", float_format=method.format, per_channel=method.per_channel,
                           task=method.task, data=method.data, device=method.device, select=method.select)

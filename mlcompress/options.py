@@ -142,7 +142,8 @@ class Quant:
     * entropy-constrained: a uniform step chosen for the size -- ``target_ratio`` (fp32 bytes
       over file bytes) searches it, ``step`` sets it -- with every integer level allowed,
       steps spread over tensors by ``allocation`` and rate-distortion optimised rounding
-      (``rdo_lambda``; 0 is nearest rounding). See docs/quantize.md.
+      (``rdo_lambda``; 0 is nearest rounding), or with ``dq`` dependent (trellis) quantization,
+      ``rdo_lambda`` then being the trellis's rate weight. See docs/quantize.md.
     """
 
     name = "quant"
@@ -160,6 +161,7 @@ class Quant:
     device: str = "auto"
     select: Selection = Selection()  # --include/--exclude: which tensors are quantized (the rest: lossless)
     calib_samples: int = 1000  # allocation hessian: calibration inputs its sensitivities come from
+    dq: bool = False  # --dq: dependent quantization on the step grid (mlcompress/codecs/quant/trellis.py)
 
     @property
     def entropy_constrained(self) -> bool:
@@ -177,9 +179,14 @@ class Quant:
         if self.group_size is not None and not (isinstance(self.group_size, int) and self.group_size >= 1):
             raise UsageError(f"--group-size must be a positive integer, got {self.group_size}")
         if not self.entropy_constrained:
+            if self.dq:
+                raise UsageError("--dq applies to --step/--target-ratio", hint="drop --dq, or use --target-ratio R --dq")
             level_range(self.resolved_bits, self.symmetric)  # validates --bits and --symmetric
             return
         if self.bits is not None:
+            if self.dq:
+                raise UsageError("--dq applies to --step/--target-ratio, not to --bits",
+                                 hint="--bits fixes a grid width; drop --dq or --bits")
             flag = "--step" if self.step is not None else "--target-ratio"
             raise UsageError(f"--bits and {flag} contradict each other",
                              hint="--bits fixes a grid width; --step/--target-ratio choose an entropy-coded step")
@@ -205,7 +212,8 @@ class Quant:
         if self.entropy_constrained:
             keys = ("step", "target_ratio", "allocation", "rdo_lambda", "per_channel", "group_size")
             calib = {"calib_samples": self.calib_samples} if self.allocation == "hessian" else {}
-            return {"method": "step", **{k: getattr(self, k) for k in keys}, **calib, **self.select.as_dict()}
+            dq = {"dq": True} if self.dq else {}  # only then: headers without --dq stay as they were
+            return {"method": "step", **{k: getattr(self, k) for k in keys}, **calib, **dq, **self.select.as_dict()}
         d = {k: v for k, v in asdict(self).items() if k in ("symmetric", "per_channel", "group_size")}
         return {"method": "uniform", "bits": self.resolved_bits, **d, **self.select.as_dict()}
 

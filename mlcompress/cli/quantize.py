@@ -21,7 +21,7 @@ from mlcompress.cli.output import Output, human_bytes
 
 #: Options that choose an integer grid, so they contradict ``--float`` (by their parameter names).
 _INTEGER_ONLY = {"method": "--method", "bits": "--bits", "group_size": "--group-size", "symmetric": "--symmetric",
-                 "step": "--step", "allocation": "--allocation", "rdo_lambda": "--rdo-lambda",
+                 "step": "--step", "allocation": "--allocation", "rdo_lambda": "--rdo-lambda", "dq": "--dq",
                  "target_ratio": "--target-ratio", "calib_samples": "--calib-samples", "kernel": "--kernel"}
 
 
@@ -39,7 +39,8 @@ def quantize(
     bits: Annotated[Optional[int], typer.Option("--bits", help="uniform: a fixed-width grid of this many bits per level, 1-16 (default 8 unless --step or --target-ratio).")] = None,
     step: Annotated[Optional[float], typer.Option("--step", help="uniform, entropy-constrained: the grid step of the tensor with the largest norm (others by --allocation).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="--step/--target-ratio: auto (equal for transformers with LayerNorm/RMSNorm, norm otherwise), norm (steps proportional to each tensor's Frobenius norm) or equal (one step); hessian (needs --task): steps from each tensor's Fisher diagonal on the task's calibration inputs, step ∝ mean(F)^-1/2.")] = "auto",
-    rdo_lambda: Annotated[float, typer.Option("--rdo-lambda", help="--step/--target-ratio: rate-distortion optimised rounding, weight in step^2 per bit (default 0: nearest rounding, measured best for the output; ln2/6 ≈ 0.1155 is the high-rate slope, lowest weight error).")] = DEFAULT_LAMBDA,
+    rdo_lambda: Annotated[float, typer.Option("--rdo-lambda", help="--step/--target-ratio: rate-distortion optimised rounding, weight in step^2 per bit (default 0: nearest rounding, measured best for the output; ln2/6 ≈ 0.1155 is the high-rate slope, lowest weight error). With --dq: the trellis's rate weight.")] = DEFAULT_LAMBDA,
+    dq: Annotated[bool, typer.Option("--dq", help="--step/--target-ratio: dependent (trellis-coded) quantization, two interleaved grids and a 4-state machine as in VVC/NNC (docs/quantize.md).")] = False,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="uniform and fp8: one scale (and zero-point) per output channel.")] = False,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="uniform: one scale/zero-point per N consecutive weights of a channel.")] = None,
     symmetric: Annotated[bool, typer.Option("--symmetric", help="uniform: levels -M..M with zero-point 0.")] = False,
@@ -78,10 +79,11 @@ def quantize(
         chosen = api.Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size,
                            step=step, target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda,
                            task=task, data=str(data) if data is not None else None, device=device,
-                           select=selection_of(include, exclude), calib_samples=calib_samples)
+                           select=selection_of(include, exclude), calib_samples=calib_samples, dq=dq)
         chosen.validate()  # before torch is imported: a usage error answers at once
     elif method == "l2":
-        given = _given(ctx, {"step": "--step", "bits": "--bits", "allocation": "--allocation", "rdo_lambda": "--rdo-lambda"})
+        given = _given(ctx, {"step": "--step", "bits": "--bits", "allocation": "--allocation", "rdo_lambda": "--rdo-lambda",
+                             "dq": "--dq"})
         if given:
             raise UsageError(f"--method l2 does not take {', '.join(given)}", hint="L² learns its own step and dead zone")
         if include or exclude:
@@ -102,7 +104,8 @@ def quantize(
             what, extra = f"{summary['format']}{scales}", f"{summary['quantized_tensors']} tensors converted"
         else:
             what = {"uniform": lambda: f"{summary['bits']}-bit uniform",
-                    "step": lambda: f"entropy-constrained, step {summary['step']:.4g} ({summary['allocation']} allocation)",
+                    "step": lambda: f"entropy-constrained, step {summary['step']:.4g} ({summary['allocation']} allocation"
+                                    + (", dependent quantization)" if summary.get("dq") else ")"),
                     }.get(summary["method"], lambda: f"L² (target {summary['target_ratio']:g}x)")()
             extra = f"sparsity {summary['sparsity']:.1%}"
         console.print(

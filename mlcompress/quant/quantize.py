@@ -73,7 +73,8 @@ def dequantize_uniform(tensors: dict[str, torch.Tensor], plan: Plan) -> dict[str
     for name, (codec, opts) in plan.items():
         if codec == "quant" and opts.get("scheme") == "step":
             out[name] = step_grid.step_quantize(tensors[name], opts["step"], per_channel=opts["per_channel"],
-                                                group_size=opts["group_size"], lam=opts["lam"]).dequantize()
+                                                group_size=opts["group_size"], lam=opts["lam"],
+                                                dq=opts.get("dq", False)).dequantize()
         elif codec == "quant":
             out[name] = uniform.quantize_tensor(
                 tensors[name], opts["bits"], symmetric=opts["symmetric"],
@@ -97,7 +98,7 @@ def _step_plan(tensors: dict[str, torch.Tensor], quant: Quant,
     """The entropy-constrained plan: the given step, or the one searched for the target ratio
     (each trial file carries the header the real file will have, so tiny models land too)."""
     kwargs = dict(allocation=quant.allocation, per_channel=quant.per_channel, group_size=quant.group_size,
-                  lam=quant.rdo_lambda, select=select, sensitivity=sensitivity)
+                  lam=quant.rdo_lambda, select=select, sensitivity=sensitivity, dq=quant.dq)
     if quant.step is not None:
         return step_plan(tensors, quant.step, **kwargs), quant.step
     with tempfile.TemporaryDirectory(prefix="mlcompress-rate-") as tmp:
@@ -161,6 +162,7 @@ def quantize_checkpoint(
     step: float | None = None,
     allocation: str = "auto",
     rdo_lambda: float = DEFAULT_LAMBDA,
+    dq: bool = False,
     calib_samples: int = 1000,
     kernel: str = "cos",
     l2_config: L2Config | None = None,
@@ -183,7 +185,7 @@ def quantize_checkpoint(
     if method == "uniform":
         quant = Quant(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size, step=step,
                       target_ratio=target_ratio, allocation=allocation, rdo_lambda=rdo_lambda, select=select,
-                      task=task, calib_samples=calib_samples)
+                      task=task, calib_samples=calib_samples, dq=dq)
         quant.validate()
     elif method == "float":
         Float(format=float_format, per_channel=per_channel, select=select).validate()
@@ -294,7 +296,7 @@ def _quantize_streaming(src: Path, dst: Path, options: Quant | Float, *, force: 
         options = dataclasses.replace(options, allocation=resolve_allocation(infos, options.allocation))
         factors = step_factors(source.view() if options.allocation == "norm" else infos, options.allocation, chosen)
         plan = step_plan(infos, options.step, per_channel=options.per_channel, group_size=options.group_size,
-                         lam=options.rdo_lambda, factors=factors)
+                         lam=options.rdo_lambda, factors=factors, dq=options.dq)
     else:
         plan = uniform_plan(infos, options.resolved_bits, symmetric=options.symmetric,
                             per_channel=options.per_channel, group_size=options.group_size, select=chosen)

@@ -115,12 +115,12 @@ def step_factors(tensors: Mapping[str, torch.Tensor], allocation: str = "auto",
 def step_plan(tensors: Mapping[str, torch.Tensor], step: float, *, allocation: str = "auto",
               per_channel: bool = False, group_size: int | None = None, lam: float = DEFAULT_LAMBDA,
               factors: Mapping[str, float] | None = None, select: Callable[[str], bool] | None = None,
-              sensitivity: Mapping[str, float] | None = None) -> Plan:
+              sensitivity: Mapping[str, float] | None = None, dq: bool = False) -> Plan:
     """``quant`` with the ``step`` scheme for the tensors of ``factors`` (default: the
     :func:`step_factors` of the quantizable tensors ``select`` keeps), ``lossless`` for the rest."""
     check_step(step)
     factors = factors if factors is not None else step_factors(tensors, allocation, select, sensitivity)
-    options = {"scheme": "step", "per_channel": per_channel, "group_size": group_size, "lam": float(lam)}
+    options = {"scheme": "step", "per_channel": per_channel, "group_size": group_size, "lam": float(lam), "dq": bool(dq)}
     return {name: (("quant", dict(options, step=float(step) * factors[name])) if name in factors else ("lossless", {}))
             for name in tensors}
 
@@ -142,6 +142,7 @@ def search_step(
     lam: float = DEFAULT_LAMBDA,
     select: Callable[[str], bool] | None = None,
     sensitivity: Mapping[str, float] | None = None,
+    dq: bool = False,
 ) -> tuple[float, Plan, FileSize]:
     """The global step whose file is ``fp32 bytes / target_ratio`` bytes, its plan and its size.
 
@@ -154,7 +155,7 @@ def search_step(
     if not names:
         raise UsageError("--target-ratio: the model has no tensor to quantize (conv/linear weights)")
     factors = step_factors(tensors, allocation, select, sensitivity)
-    quantizer: dict[str, Any] = {"per_channel": per_channel, "group_size": group_size, "lam": lam}
+    quantizer: dict[str, Any] = {"per_channel": per_channel, "group_size": group_size, "lam": lam, "dq": dq}
     kwargs: dict[str, Any] = dict(quantizer, factors=factors)
 
     def estimate(step: float) -> float:

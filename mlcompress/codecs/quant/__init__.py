@@ -7,8 +7,10 @@ Two schemes share one payload shape (everything little-endian):
   payload = scales (one per group, float32, or float16 with ``scale_dtype: "float16"``) |
   zero-point symbol stream | level section.
 * ``step`` (entropy-constrained, :mod:`mlcompress.codecs.quant.step`): params
-  ``{scheme, rows, cols, group, codes_bytes}``; payload = step-code symbol stream (one code per
-  group) | level section. ``w = step(code) * n``, no zero-point, no clipping.
+  ``{scheme, rows, cols, group, codes_bytes[, dq]}``; payload = step-code symbol stream (one code
+  per group) | level section. ``w = step(code) * n``, no zero-point, no clipping; with ``dq: 1``
+  (dependent quantization, :mod:`mlcompress.codecs.quant.trellis`) ``n`` is the level's
+  reconstruction integer under the 4-state machine.
 * ``l2`` (the L² dead-zone quantizer, :mod:`mlcompress.codecs.quant.l2`): params
   ``{scheme, edge, step}`` (float32 values stored as JSON numbers, exact); payload = level section.
 
@@ -29,7 +31,7 @@ import struct
 from typing import Any, Mapping
 
 from mlcompress.codecs import entropy
-from mlcompress.codecs.quant import l2, uniform
+from mlcompress.codecs.quant import l2, trellis, uniform
 from mlcompress.codecs.quant import step as step_grid
 from mlcompress.errors import CodecError, MrcFormatError
 from mlcompress.format.dtypes import torch_dtype
@@ -176,10 +178,13 @@ class QuantCodec:
             q = step_grid.step_quantize(
                 tensor, float(options["step"]), per_channel=bool(options.get("per_channel", False)),
                 group_size=options.get("group_size"), lam=float(options.get("lam", step_grid.DEFAULT_LAMBDA)),
+                dq=bool(options.get("dq", False)),
             )
             codes = entropy.encode_symbols(q.codes)
             params = {"scheme": "step", "rows": q.layout.rows, "cols": q.layout.cols, "group": q.layout.group,
                       "codes_bytes": len(codes)}
+            if q.dq:  # only then: files without dependent quantization stay as they were
+                params["dq"] = q.dq
             return b"".join((codes, encode_levels(q.levels))), params
         if scheme == "l2":
             edge = float(torch.tensor(float(options["edge"]), dtype=torch.float32))
@@ -213,6 +218,10 @@ class QuantCodec:
                 raise MrcFormatError(f"{where}: quant group layout {p['rows']}x{p['cols']} does not match shape {record.shape}")
             if p["codes_bytes"] + 1 > record.length:
                 raise MrcFormatError(f"{where}: quant payload is shorter than its step-code section")
+            dq = p.get("dq", 0)
+            if not isinstance(dq, int) or isinstance(dq, bool) or dq not in (0, trellis.VERSION):
+                raise MrcFormatError(f"{where}: quant param 'dq' must be 0 or {trellis.VERSION}, got {dq!r}",
+                                     hint="a newer mlcompress wrote this file; upgrade to decode it")
             return
         if scheme != "uniform":
             raise MrcFormatError(f"{where}: unknown quant scheme {scheme!r}")
@@ -290,11 +299,19 @@ class QuantCodec:
 
         steps = torch.from_numpy(step_grid.steps_of(codes))
 
+        def checked(n: np.ndarray) -> np.ndarray:
+            if n.size and (n.min() < -step_grid.MAX_LEVEL or n.max() > step_grid.MAX_LEVEL):
+                raise MrcFormatError(f"tensor {record.name!r}: quant levels exceed +-{step_grid.MAX_LEVEL}")
+            return n
+
+        if p.get("dq", 0):
+            sizes = [sl.stop - sl.start for sl, _, _ in trellis.chunks(layout.rows, layout.cols, layout.group)]
+            chunks = (checked(n) for n in level_slices(view[cb:], layout.rows * layout.cols, sizes))
+            return step_grid.dequantize_dq(chunks, codes, layout, dtype, record.shape)
+
         def pieces():
             for block, n in _level_blocks(view[cb:], layout):
-                if n.size and (n.min() < -step_grid.MAX_LEVEL or n.max() > step_grid.MAX_LEVEL):
-                    raise MrcFormatError(f"tensor {record.name!r}: quant levels exceed +-{step_grid.MAX_LEVEL}")
-                yield block, step_grid.dequantize_block(torch.from_numpy(n), steps, layout, block, dtype)
+                yield block, step_grid.dequantize_block(torch.from_numpy(checked(n)), steps, layout, block, dtype)
 
         return uniform.blockwise(layout, pieces(), dtype, record.shape)
 

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 from mlcompress.codecs import entropy
+from mlcompress.codecs.quant import trellis
 from mlcompress.codecs.quant.rdo import DEFAULT_LAMBDA, rdo_levels
 from mlcompress.codecs.quant.uniform import GroupLayout, all_finite, blockwise, flat_view
 from mlcompress.errors import InputError, UsageError
@@ -61,12 +62,17 @@ def code_for(step: np.ndarray | float) -> np.ndarray:
 
 
 def dequantize(levels: torch.Tensor | np.ndarray, codes: np.ndarray, layout: GroupLayout,
-               dtype: torch.dtype) -> torch.Tensor:
-    """``float64(step of the element's group) * level``, rounded once to ``dtype``.
+               dtype: torch.dtype, dq: int = 0) -> torch.Tensor:
+    """``float64(step of the element's group) * level``, rounded once to ``dtype``; with ``dq``
+    (dependent quantization, :mod:`mlcompress.codecs.quant.trellis`) the level's reconstruction
+    integer stands for the level.
 
     The one reconstruction rule: the quantizer evaluates these weights and the codec decodes
     exactly them.
     """
+    if dq:
+        return dequantize_dq(trellis_slices(layout, np.asarray(levels).reshape(-1)), codes, layout, dtype,
+                             tuple(np.shape(levels)))
     flat = flat_view(torch.as_tensor(np.asarray(levels)))
     steps = torch.from_numpy(steps_of(codes))
     pieces = ((b, dequantize_block(flat[b.start : b.stop], steps, layout, b, dtype)) for b in layout.blocks())
@@ -79,6 +85,23 @@ def dequantize_block(levels, steps: torch.Tensor, layout: GroupLayout, block, dt
     return (s * torch.as_tensor(levels).to(torch.float64).reshape(block.shape)).to(dtype)
 
 
+def trellis_slices(layout: GroupLayout, levels: np.ndarray):
+    """``levels`` (flat, the whole tensor) in :func:`trellis.chunks` order: the chunks
+    :func:`dequantize_dq` takes."""
+    return (levels[sl] for sl, _, _ in trellis.chunks(layout.rows, layout.cols, layout.group))
+
+
+def dequantize_dq(level_chunks, codes: np.ndarray, layout: GroupLayout, dtype: torch.dtype, shape) -> torch.Tensor:
+    """The tensor that dependent-quantization levels rebuild, given as one flat array per chunk
+    of :func:`trellis.chunks` (so the codec decodes a chunk of levels at a time)."""
+    steps = steps_of(codes)
+    out = torch.empty(layout.rows * layout.cols, dtype=dtype)
+    for (sl, starts, lengths), levels in zip(trellis.chunks(layout.rows, layout.cols, layout.group), level_chunks):
+        r = trellis.reconstruct_chunk(levels, starts, lengths, sl.start)
+        out[sl] = trellis.dequantize_chunk(r, steps, sl, layout.cols, layout.group, dtype)
+    return out.reshape(shape)
+
+
 @dataclass
 class StepQuantized:
     """Levels of one tensor on a step grid, with the step codes of its groups."""
@@ -88,9 +111,10 @@ class StepQuantized:
     layout: GroupLayout
     shape: tuple[int, ...]
     dtype: torch.dtype
+    dq: int = 0  # dependent quantization's version (trellis.VERSION), 0: levels are the integers
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.levels.reshape(self.shape), self.codes, self.layout, self.dtype)
+        return dequantize(self.levels.reshape(self.shape), self.codes, self.layout, self.dtype, self.dq)
 
 
 def check_step(step: object) -> None:
@@ -131,8 +155,9 @@ def group_codes(x: torch.Tensor, layout: GroupLayout, step: float) -> np.ndarray
 
 
 def step_quantize(x: torch.Tensor, step: float, *, per_channel: bool = False, group_size: int | None = None,
-                  lam: float = DEFAULT_LAMBDA) -> StepQuantized:
-    """Quantize ``x`` with mean step ``step`` (nearest grid code per group) and RDO rounding."""
+                  lam: float = DEFAULT_LAMBDA, dq: bool = False) -> StepQuantized:
+    """Quantize ``x`` with mean step ``step`` (nearest grid code per group) and RDO rounding, or
+    with ``dq`` dependent quantization (the trellis, ``lam`` its rate weight in step**2 per bit)."""
     check_step(step)
     if not torch.is_floating_point(x):
         raise InputError(f"only floating-point tensors can be quantized, got {x.dtype}")
@@ -153,6 +178,16 @@ def step_quantize(x: torch.Tensor, step: float, *, per_channel: bool = False, gr
         return InputError(f"step {step:g} is too small for this tensor: levels would exceed {MAX_LEVEL}",
                           hint="use a larger --step or a smaller --target-ratio")
 
+    if dq:
+        steps64 = steps.numpy()
+
+        def in_steps(sl: slice) -> np.ndarray:
+            m = flat[sl].to(torch.float64).numpy()
+            return m / trellis.element_steps(steps64, sl, layout.cols, layout.group)
+
+        levels = trellis.trellis_levels(in_steps, layout.rows, layout.cols, layout.group, lam, limit=MAX_LEVEL,
+                                        too_large=too_small)
+        return StepQuantized(levels, codes, layout, tuple(x.shape), x.dtype, trellis.VERSION)
     levels = rdo_levels(scaled, flat.numel(), lam, limit=MAX_LEVEL, too_large=too_small)
     return StepQuantized(levels, codes, layout, tuple(x.shape), x.dtype)
 
