@@ -186,7 +186,7 @@ def mean_kl(report: dict) -> float:
 def peer_methods() -> list[tuple[str, Any, int, int]]:
     out: list[tuple[str, Any, int, int]] = []
     if importable("hqq"):
-        out += [(f"HQQ {b}-bit g{g}", hqq_quantize, b, g) for b, g in ((2, 64), (3, 64), (4, 64), (4, 128))]
+        out += [(f"HQQ {b}-bit g{g}", hqq_quantize, b, g) for b, g in ((2, 128), (2, 64), (3, 64), (4, 128), (4, 64), (4, 32))]
     if importable("optimum.quanto"):
         out += [(f"optimum-quanto qint{b} g{g}", quanto_quantize, b, g) for b, g in ((4, 128),)]
     return out
@@ -218,8 +218,9 @@ def peer_model(model: Path, out: Path, fn: Any, bits: int, group: int) -> int:
     return stored
 
 
-#: Target ratios of the default rows: 2 to 5 bits per parameter, the range of the goal.
-DEFAULT_RATIOS = (16, 10.67, 8, 6.4)
+#: Target ratios of the default rows: 2 to 5.3 bits per parameter, the goal's range and past
+#: HQQ's 4-bit g32 (5.1 bits), so that every peer point lies between two of our rows.
+DEFAULT_RATIOS = (16, 10.67, 8, 6.4, 6)
 
 
 def methods() -> list[tuple[str, object]]:
