@@ -10,7 +10,8 @@ seeds per task (LeNet-5: ``mlcompress train --task lenet5 --epochs 3 --seed S``;
 default training), and cached under ``runs/bench-models/``.
 
 Rows: the entropy-constrained quantizer (``--target-ratio``, default settings) over a range of
-ratios, two ablations of it (one step for all tensors; rate-distortion optimised rounding at the
+ratios, the same with dependent quantization (``--target-ratio R --dq``) at the same ratios, two
+ablations of the default (one step for all tensors; rate-distortion optimised rounding at the
 high-rate slope instead of the default nearest rounding), the fixed-width
 ``--bits`` grid per tensor and per channel, and the ``--float`` conversions.
 
@@ -39,6 +40,7 @@ import torch
 
 import mlcompress
 from mlcompress.checkpoint import load_checkpoint
+from mlcompress.container import open_mrc
 from mlcompress.codecs.quant.rdo import HIGH_RATE_LAMBDA
 from mlcompress.errors import UsageError
 
@@ -74,17 +76,24 @@ def start_model(task: str, seed: int, cache: Path) -> Path:
     return path
 
 
-def settings(targets) -> list[tuple[str, object]]:
-    """(label, method) pairs; the first ``len(targets)`` are the default entropy-constrained rows."""
+#: The entropy-constrained families judged against NNCodec at every target ratio.
+FAMILIES = ("default", "--dq")
+
+
+def settings(targets) -> list[tuple[str, object, str | None]]:
+    """(label, method, family) triples; ``family`` names the rows of :data:`FAMILIES` (judged
+    against NNCodec), None the ablations and other grids."""
     Q, F = mlcompress.Quant, mlcompress.Float
-    out = [(f"`--target-ratio {t:g}`", Q(target_ratio=float(t))) for t in targets]
-    out += [(f"`--target-ratio {t:g} --allocation equal`", Q(target_ratio=float(t), allocation="equal")) for t in (10, 20, 30)]
-    out += [(f"`--target-ratio {t:g} --rdo-lambda 0.1155`", Q(target_ratio=float(t), rdo_lambda=HIGH_RATE_LAMBDA))
-            for t in (10, 20, 30)]
-    out += [(f"`--bits {b}`", Q(bits=b)) for b in (8, 6, 4, 3, 2)]
-    out += [(f"`--bits {b} --per-channel`", Q(bits=b, per_channel=True)) for b in (4, 3, 2)]
-    out += [(f"`--float {f}`", F(format=f)) for f in ("bf16", "fp16", "fp8-e4m3", "fp8-e5m2")]
-    return out
+    out = [(f"`--target-ratio {t:g}`", Q(target_ratio=float(t)), "default") for t in targets]
+    out += [(f"`--target-ratio {t:g} --dq`", Q(target_ratio=float(t), dq=True), "--dq") for t in targets]
+    rest = []
+    rest += [(f"`--target-ratio {t:g} --allocation equal`", Q(target_ratio=float(t), allocation="equal")) for t in (10, 20, 30)]
+    rest += [(f"`--target-ratio {t:g} --rdo-lambda 0.1155`", Q(target_ratio=float(t), rdo_lambda=HIGH_RATE_LAMBDA))
+             for t in (10, 20, 30)]
+    rest += [(f"`--bits {b}`", Q(bits=b)) for b in (8, 6, 4, 3, 2)]
+    rest += [(f"`--bits {b} --per-channel`", Q(bits=b, per_channel=True)) for b in (4, 3, 2)]
+    rest += [(f"`--float {f}`", F(format=f)) for f in ("bf16", "fp16", "fp8-e4m3", "fp8-e5m2")]
+    return out + [(label, method, None) for label, method in rest]
 
 
 def fidelity(task: str, model: Path, decoded: Path) -> dict:
@@ -132,11 +141,11 @@ def rows_for(task: str, model: Path, work: Path, targets, l2: bool = False, nnco
     ses = [(r["ratio"], r["drop_se"]) for r in peer] or None
     chosen = settings(targets)
     if l2:  # the learned quantizer beside them: its own goals (>= 20x within 0.3, >= 40x within 1)
-        chosen += [(f"`--method l2 --target-ratio {t:g}` (uses data)", mlcompress.L2(task=task, target_ratio=float(t), device="cpu"))
-                   for t in (20, 40)]
+        chosen += [(f"`--method l2 --target-ratio {t:g}` (uses data)", mlcompress.L2(task=task, target_ratio=float(t), device="cpu"),
+                    None) for t in (20, 40)]
     rows = [{"method": "fp32 (uncompressed)", "ratio": 1.0, "accuracy": base, "drop": 0.0, "nncodec": None,
              "seconds": 0.0, "kl": 0.0, "drop_se": 0.0}]
-    for i, (label, method) in enumerate(chosen):
+    for label, method, family in chosen:
         out = work / "q.mrc"
         t0 = time.perf_counter()
         try:
@@ -148,12 +157,12 @@ def rows_for(task: str, model: Path, work: Path, targets, l2: bool = False, nnco
         f = fidelity(task, model, out)
         acc = f["accuracy"]
         ratio = report["fp32_ratio"]
-        default_ecq = i < len(targets)
+        judged = family is not None
         rows.append({"method": label, "ratio": ratio, **f, "drop": 100 * (base - acc),
-                     "nncodec": nncodec_at(ratio, drops) if default_ecq else None, "default_ecq": default_ecq,
-                     "nncodec_kl": nncodec_at(ratio, kls, log_value=True) if default_ecq and kls else None,
-                     "nncodec_se": nncodec_at(ratio, ses) if default_ecq and ses else None,
-                     "seconds": seconds})
+                     "nncodec": nncodec_at(ratio, drops) if judged else None, "family": family,
+                     "nncodec_kl": nncodec_at(ratio, kls, log_value=True) if judged and kls else None,
+                     "nncodec_se": nncodec_at(ratio, ses) if judged and ses else None,
+                     "seconds": seconds, "weight_mse": weight_mse(model, out) if judged else None})
         print(f"  {task} {model.stem}: {label}: {ratio:.2f}x {acc:.4f} ({seconds:.1f} s)", file=sys.stderr, flush=True)
     return rows + sorted(peer, key=lambda r: r["ratio"])
 
@@ -176,23 +185,49 @@ def table(title: str, rows: list[dict], with_nncodec: bool) -> str:
 
 
 def goals(per_model: dict[str, list[dict]]) -> str:
-    """Per start model: where the default entropy-constrained rows lose to NNCodec (in drop,
+    """Per start model and family of :data:`FAMILIES`: where its rows lose to NNCodec (in drop,
     beyond the noise of the two drops, and in KL) and the largest ratio within 1 point."""
-    lines = ["| LeNet-5 start model | rows whose drop exceeds NNCodec's | ... by more than 2 standard errors "
-             "| rows whose KL exceeds NNCodec's | largest ratio within 1 point |", "|---|---|---|---|---:|"]
-    for name, rows in per_model.items():
-        ecq = [r for r in rows if r.get("default_ecq") and r["nncodec"] is not None]
-        worse = [f"{r['ratio']:.1f}x ({r['drop']:+.2f} vs {r['nncodec']:+.2f})" for r in ecq if r["drop"] > r["nncodec"]]
-        noise = [r for r in ecq if r.get("nncodec_se") is not None and
-                 r["drop"] - r["nncodec"] > 2 * math.hypot(r["drop_se"], r["nncodec_se"])]
-        kl = [f"{r['ratio']:.1f}x ({r['kl']:.4f} vs {r['nncodec_kl']:.4f})" for r in ecq
-              if r.get("nncodec_kl") is not None and r["kl"] > r["nncodec_kl"]]
-        within = [r["ratio"] for r in rows if r.get("default_ecq") and r["drop"] <= 1.0]
-        cells = [name, ", ".join(worse) or "none", ", ".join(f"{r['ratio']:.1f}x" for r in noise) or "none",
-                 ", ".join(kl) or ("none" if any(r.get("nncodec_kl") is not None for r in ecq) else "(no same-run NNCodec)"),
-                 f"{max(within):.1f}x" if within else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = ["| LeNet-5 start model | family | rows whose drop exceeds NNCodec's | ... by more than 2 standard errors "
+             "| rows whose KL exceeds NNCodec's | largest ratio within 1 point |", "|---|---|---|---|---|---:|"]
+    for name, all_rows in per_model.items():
+        for family in FAMILIES:
+            rows = [r for r in all_rows if r.get("family") == family]
+            ecq = [r for r in rows if r["nncodec"] is not None]
+            worse = [f"{r['ratio']:.1f}x ({r['drop']:+.2f} vs {r['nncodec']:+.2f})" for r in ecq if r["drop"] > r["nncodec"]]
+            noise = [r for r in ecq if r.get("nncodec_se") is not None and
+                     r["drop"] - r["nncodec"] > 2 * math.hypot(r["drop_se"], r["nncodec_se"])]
+            kl = [f"{r['ratio']:.1f}x ({r['kl']:.4f} vs {r['nncodec_kl']:.4f})" for r in ecq
+                  if r.get("nncodec_kl") is not None and r["kl"] > r["nncodec_kl"]]
+            within = [r["ratio"] for r in rows if r["drop"] <= 1.0]
+            cells = [name, family, ", ".join(worse) or "none", ", ".join(f"{r['ratio']:.1f}x" for r in noise) or "none",
+                     ", ".join(kl) or ("none" if any(r.get("nncodec_kl") is not None for r in ecq) else "(no same-run NNCodec)"),
+                     f"{max(within):.1f}x" if within else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def families_table(per_model: dict[str, list[dict]]) -> str:
+    """``--dq`` against the default at each target ratio: drop, KL and squared weight error."""
+    lines = ["| LeNet-5 start model | target | ratio default / --dq | drop ± se default | drop ± se --dq "
+             "| KL default | KL --dq | weight MSE default | weight MSE --dq |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in per_model.items():
+        by = {f: [r for r in rows if r.get("family") == f] for f in FAMILIES}
+        for a, b in zip(by["default"], by["--dq"]):
+            target = a["method"].split()[1].rstrip("`")
+            lines.append(f"| {name} | {target} | {a['ratio']:.2f}x / {b['ratio']:.2f}x | {a['drop']:+.2f} ± {a['drop_se']:.2f} "
+                         f"| {b['drop']:+.2f} ± {b['drop_se']:.2f} | {a['kl']:.5f} | {b['kl']:.5f} "
+                         f"| {a['weight_mse']:.3e} | {b['weight_mse']:.3e} |")
+    return "\n".join(lines)
+
+
+def weight_mse(model: Path, decoded: Path) -> float:
+    """Mean squared error of the quantized weights (those the file stores lossy) against the
+    start model's."""
+    ref = load_checkpoint(model)
+    lossy = {r.name for r in open_mrc(decoded).records if r.codec == "quant"}
+    dec = mlcompress.decode(decoded)
+    err = sum(float(((dec[n].double() - ref[n].double()) ** 2).sum()) for n in lossy)
+    return err / max(sum(ref[n].numel() for n in lossy), 1)
 
 
 def run(args: argparse.Namespace) -> str:
@@ -213,7 +248,8 @@ def run(args: argparse.Namespace) -> str:
         anchor = ("NNCodec 2.1.3 run on the same start models in this run" if args.nncodec_python else
                   "the issue's NNCodec figures (another LeNet-5, not this run)")
         parts.insert(0, f"Goals (issue 11), from the LeNet-5 tables below; NNCodec's drop is {anchor}, "
-                        "interpolated in log-ratio:\n\n" + goals(lenet))
+                        "interpolated in log-ratio:\n\n" + goals(lenet) + "\n\nDependent quantization (`--dq`) "
+                        "against the default at the same target ratios:\n\n" + families_table(lenet))
     return "\n\n".join(parts)
 
 

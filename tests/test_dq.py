@@ -205,3 +205,14 @@ def test_target_ratio_with_dq_lands_and_streaming_matches(tmp_path, digits_ckpt,
     assert main(["quantize", str(digits_ckpt), "--step", repr(summary["step"]), "-o", str(plain), "--quiet"]) == 0
     assert "dq" not in open_mrc(plain).metadata["options"]
     assert all("dq" not in r.params for r in open_mrc(plain).records)
+
+
+def test_format_test_vector():
+    # docs/format.md, "Dependent quantization": the bytes and the decoded tensor.
+    x = torch.tensor([[0.5, -0.25, 0.0], [0.75, 0.0, 0.0]])
+    payload, params = CODEC.encode(x, {"scheme": "step", "step": 0.25, "dq": True})
+    assert params == {"scheme": "step", "rows": 1, "cols": 6, "group": 6, "codes_bytes": 28, "dq": 1}
+    assert payload.hex() == "0100000080ffffff010000000000000001000000000000000000000001ffffffff02d205"
+    rec = TensorRecord(name="w", dtype="float32", shape=(2, 3), codec="quant", params=params, offset=0,
+                       length=len(payload), crc32=0)
+    assert torch.equal(CODEC.decode(payload, rec), x)
