@@ -41,7 +41,7 @@ TRANS = ((0, 2), (2, 0), (1, 3), (3, 1))
 RATE_ROUNDS = 2
 #: Weights per chunk of runs the encoder and decoder work on at once (their temporaries are a
 #: few arrays of this many elements).
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 
 #: The two ways into each next state, from TRANS: ``PRED[ns]`` the states, ``PARITY[ns]`` the
 #: level parities (plain tuples: numpy is imported on first use).
