@@ -216,3 +216,14 @@ def test_format_test_vector():
     rec = TensorRecord(name="w", dtype="float32", shape=(2, 3), codec="quant", params=params, offset=0,
                        length=len(payload), crc32=0)
     assert torch.equal(CODEC.decode(payload, rec), x)
+
+
+def test_inspect_names_dependent_quantization():
+    x = _laplace((4, 300), seed=7)
+    payload, params = CODEC.encode(x, {"scheme": "step", "step": 0.01, "dq": True})
+    rec = TensorRecord(name="w", dtype="float32", shape=(4, 300), codec="quant", params=params, offset=0,
+                       length=len(payload), crc32=0)
+    assert CODEC.describe(rec) == {"scheme": "step", "groups": 1, "dq": 1}
+    plain, params = CODEC.encode(x, {"scheme": "step", "step": 0.01})
+    assert "dq" not in CODEC.describe(TensorRecord(name="w", dtype="float32", shape=(4, 300), codec="quant",
+                                                   params=params, offset=0, length=len(plain), crc32=0))

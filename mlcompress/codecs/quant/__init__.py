@@ -284,6 +284,8 @@ class QuantCodec:
             out["groups"] = groups
             if p.get("scale_dtype"):
                 out["scales"] = p["scale_dtype"]
+            if p.get("dq"):
+                out["dq"] = p["dq"]
         if p.get("scheme") == "l2":
             out["step"] = p.get("step")
         return out
