@@ -14,7 +14,8 @@ setup(
         Extension(
             "mlcompress.codecs._lossless3",
             sources=["mlcompress/codecs/_lossless3.c"],
-            extra_compile_args=["-O3", "-std=c11"],
+            extra_compile_args=["-O3", "-std=c11", "-pthread"],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ]

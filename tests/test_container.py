@@ -687,3 +687,35 @@ def test_raw_bool_bytes_must_be_0_or_1(tmp_path):
         return body[:start] + payload + body[start + 3 :]
 
     damaged(rebuild(p, edit, body_edit=body_edit), "raw tensor 'm': bool bytes must be 0 or 1")
+
+
+@pytest.mark.parametrize("run_bytes", [1, 1 << 30])
+def test_tensors_read_in_runs_equal_tensors_read_one_by_one(tmp_path: Path, monkeypatch, run_bytes: int) -> None:
+    """``tensors()`` reads consecutive payloads together and batches ``lossless3``'s: with runs
+    of one tensor or of the whole file, mixed codecs give the same tensors as ``tensor()``, ties
+    stay one object, and damage in a run is reported for its own tensor."""
+    from mlcompress.codecs import lossless3
+    from mlcompress.container import reader
+
+    monkeypatch.setattr(reader, "RUN_BYTES", run_bytes)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 7, generator=g)
+    tensors = {"a": torch.randn(1000, generator=g), "b": torch.arange(13), "w": w, "tied": w,
+               "h": torch.randn(333, generator=g).bfloat16(), "c": torch.randn(50, generator=g).half()}
+    fast = "lossless3" if lossless3.NATIVE else "lossless2"
+    plan = {"a": (fast, {}), "b": ("raw", {}), "w": ("lossless2", {}), "tied": ("lossless2", {}),
+            "h": (fast, {}), "c": ("raw", {})}
+    path = tmp_path / "m.mrc"
+    write_mrc(path, tensors, plan, {})
+    f = open_mrc(path)
+    for threads in (1, 3):
+        together = f.tensors(threads=threads)
+        assert together["tied"] is together["w"]
+        assert_same_tensors(together, tensors)
+        assert_same_tensors({n: f.tensor(n, threads=threads) for n in tensors}, tensors)
+    rec = f.record("h")
+    data = bytearray(path.read_bytes())
+    data[rec.offset + rec.length // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(MrcFormatError, match="checksum mismatch in payload of 'h'"):
+        open_mrc(path).tensors(threads=2)

@@ -334,6 +334,63 @@ def test_same_bytes_for_any_thread_count():
         assert_bit_exact(decode(payloads[0], rec, threads=n), t)
 
 
+@native
+def test_batches_of_many_tensors_on_any_thread_count():
+    """``decode_many`` (one native batch for all the chunks of all the tensors, largest first)
+    gives every tensor bit-exactly and the payloads' CRCs, whatever the thread count."""
+    tensors = [weights(dtype, n, seed) for seed, (dtype, n) in
+               enumerate([(torch.float32, 7000), (torch.bfloat16, 1), (torch.float16, 12_345), (torch.bfloat16, 0),
+                          (torch.float32, 3 * 2000 + 5)])]
+    items = []
+    for t in tensors:
+        payload, params = CODEC.encode(t, {"chunk": 2000})
+        items.append((bytes(payload), record(t, params, len(payload))))
+    for threads in (1, 2, 3, 8):
+        decoded, crcs = CODEC.decode_many(items, threads, crc=True)
+        for out, t in zip(decoded, tensors):
+            assert_bit_exact(out, t)
+        assert crcs == [zlib.crc32(p) for p, _ in items]
+    assert CODEC.decode_many(items, 2)[1] is None
+
+
+@native
+def test_a_damaged_chunk_in_a_batch_names_its_tensor_and_chunk():
+    good = [(weights(torch.bfloat16, 5000, seed), f"t{seed}") for seed in range(3)]
+    items = []
+    for t, name in good:
+        payload, params = CODEC.encode(t, {"chunk": 2000})
+        items.append((bytearray(payload), record(t, params, len(payload), name)))
+    damaged = items[1][0]
+    damaged[4 * 3 + struct.unpack_from("<I", damaged)[0]] = 7  # chunk 1 of t1: an unknown mode
+    for threads in (1, 3):
+        with pytest.raises(MrcFormatError, match=r"lossless3 tensor 't1': chunk 1: unknown chunk mode"):
+            CODEC.decode_many([(bytes(p), r) for p, r in items], threads)
+
+
+@native
+def test_native_batches_equal_the_one_chunk_kernels():
+    native_module = lossless3._native
+    rng = np.random.default_rng(3)
+    chunks = [weights(torch.bfloat16, int(m), seed).view(torch.int16).numpy().view(np.uint8)
+              for seed, m in enumerate(rng.integers(1, 5000, 9))]
+    jobs, single = [], []
+    for c in chunks:
+        jobs.append((c, 2, 10, np.empty(c.size + 1, dtype=np.uint8)))
+        out = np.empty(c.size + 1, dtype=np.uint8)
+        single.append(bytes(out[:native_module.encode_chunk(c, 2, 10, out)]))
+    for threads in (1, 4):
+        lengths = native_module.encode_chunks(jobs, threads)
+        assert [bytes(dst[:n]) for (_, _, _, dst), n in zip(jobs, lengths)] == single
+    targets = [np.empty(c.size, dtype=np.uint8) for c in chunks]
+    crcs, error = native_module.decode_chunks([(p, 2, 10, t) for p, t in zip(single, targets)], single, 2)
+    assert error is None and crcs == [zlib.crc32(p) for p in single]
+    assert all(np.array_equal(t, c) for t, c in zip(targets, chunks))
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        native_module.decode_chunks([], [], 0)
+    with pytest.raises(TypeError):
+        native_module.encode_chunks([[chunks[0], 2, 10, targets[0]]], 1)
+
+
 # -- the spec's test vectors and whole files ---------------------------------------------------
 
 DOC_TENSOR = [0x3F80, 0x4000, 0x3F88, 0x3F80, 0x3F00, 0x3F80, 0x3F80, 0x3F80, 0x4000, 0x4000, 0x3F80, 0x3F80, 0x4000,

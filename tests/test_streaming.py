@@ -57,21 +57,32 @@ def test_source_refuses_a_truncated_safetensors_file(tmp_path: Path) -> None:
         open_source(path)
 
 
-def test_spooled_writer_equals_the_in_memory_writer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spool_after", [0, 20, 1 << 30])
+def test_spooled_writer_equals_the_in_memory_writer(tmp_path: Path, monkeypatch, spool_after: int) -> None:
+    """Spooling from the first payload, from the second (the held one spilled), or never: the
+    same bytes as the in-memory writer, and no spool left behind."""
+    import mlcompress.container.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "SPOOL_AFTER", spool_after)
     entries = [EncodedTensor("a", (4,), "float32", "raw", {}, bytes(range(16))),
-               EncodedTensor("b", (2,), "float32", "raw", {}, b"\x01" * 8), Alias("c", "a")]
+               EncodedTensor("b", (2,), "float32", "raw", {}, b"\x01" * 8), Alias("c", "a"),
+               EncodedTensor("d", (3,), "float32", "raw", {}, memoryview(bytes(range(100, 112))))]
     paths = []
     for spool in (True, False):
         path = tmp_path / f"{spool}.mrc"
         with MrcWriter(path, spool=spool) as writer:
             for entry in entries:
                 writer.add(entry)
+            spooling = writer._spool is not None
             writer.finish({"method": "test"})
         paths.append(path)
+        if spool:
+            assert spooling == (spool_after < 36)
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert not list(tmp_path.glob(".*spool"))  # the spool is gone
     decoded = open_mrc(paths[0]).tensors()
     assert decoded["c"] is decoded["a"]
+    assert bytes(decoded["d"].numpy()) == bytes(range(100, 112))
 
 
 def test_a_failed_stream_leaves_nothing(tmp_path: Path) -> None:

@@ -16,6 +16,10 @@ A codec is any object with a stable ``name`` (the id written in the ``.mrc`` hea
   takes a ``threads`` encode option and a ``threads=`` decode keyword, and writes the same
   bytes for any thread count (``lossless2``, ``lossless3``). The container passes ``threads``
   only to these.
+* ``decode_many(items, threads, crc=False) -> (tensors, crcs | None)`` -- optional: decode
+  several ``(payload, record)`` at once, every chunk of every tensor sharing the threads, and
+  with ``crc`` return each payload's CRC-32 computed in the same pass (``lossless3``). The
+  container's ``tensors()`` hands such a codec all its tensors of a read at once.
 
 Codecs depend only on :mod:`mlcompress.format` (and :mod:`mlcompress.workers` for threads);
 adding one means a module here and a :func:`register` call, and the container, checkpoint I/O

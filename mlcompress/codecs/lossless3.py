@@ -27,11 +27,11 @@ decoder is tested against) and :func:`mlcompress.assembly.smallest_lossless` wri
 
 from __future__ import annotations
 
-import itertools
 import struct
 import sys
 import zlib
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 from mlcompress.codecs.lossless2 import CHUNK, MAX_CHUNK, _le_bytes
 from mlcompress.codecs.raw import tensor_from_le_bytes
@@ -40,12 +40,12 @@ from mlcompress.format.dtypes import dtype_name, itemsize, torch_dtype
 from mlcompress.format.records import TensorRecord
 from mlcompress.lazy import numpy as np
 from mlcompress.lazy import torch
-from mlcompress.workers import map_ordered, resolve_threads
+from mlcompress.workers import resolve_threads
 
 try:  # the optional C extension; a build of other kernels than this file expects is not used
     import mlcompress.codecs._lossless3 as _native
 
-    if getattr(_native, "VERSION", None) != 1:
+    if getattr(_native, "VERSION", None) != 2:
         _native = None
 except ImportError:
     _native = None
@@ -113,12 +113,12 @@ class Lossless3Codec:
             struct.pack_into("<I", out, 0, length)
             return memoryview(out[:4 + length]), params
 
-        def encode_chunk(k: int) -> int:
+        jobs = []
+        for k in range(count):
             start, stop = k * chunk, min(n, (k + 1) * chunk)
             slot = head + k + start * size
-            return _native.encode_chunk(flat[start * size:stop * size], size, bits, out[slot:slot + 1 + (stop - start) * size])
-
-        lengths = map_ordered(encode_chunk, range(count), resolve_threads(threads))
+            jobs.append((flat[start * size:stop * size], size, bits, out[slot:slot + 1 + (stop - start) * size]))
+        lengths = _native.encode_chunks(jobs, resolve_threads(threads))
         pos = head
         for k, length in enumerate(lengths):
             slot = head + k + k * chunk * size
@@ -148,34 +148,83 @@ class Lossless3Codec:
                                  f"{n} elements in chunks of {chunk}")
 
     def decode(self, payload: Any, record: TensorRecord, device: Any = "cpu", threads: int | None = None) -> Any:
-        n, size = record.numel, itemsize(record.dtype)
-        if n == 0:
-            return torch.empty(record.shape, dtype=torch_dtype(record.dtype))
-        chunk, bits = record.params["chunk"], record.params["symbol_bits"]
-        count = -(-n // chunk)
-        # The table in plain Python: for a model's many small tensors numpy's per-call cost
-        # would be most of the decode.
-        if len(payload) < 4 * count:
-            raise MrcFormatError(f"{_where(record)}: payload shorter than its length table")
-        lengths = struct.unpack_from(f"<{count}I", payload)
-        if 4 * count + sum(lengths) != len(payload):
-            raise MrcFormatError(f"{_where(record)}: chunk lengths do not add up to the payload")
-        out = np.empty(n * size, dtype=np.uint8)
-        view = memoryview(payload)
-        if count == 1:
-            _decode_chunk(view[4:], out, n, size, bits, record, 0)
+        return self.decode_many([(payload, record)], threads)[0][0]
+
+    def decode_many(self, items: Sequence[tuple[Any, TensorRecord]], threads: int | None = None,
+                    crc: bool = False) -> tuple[list[Any], list[int] | None]:
+        """Decode several tensors' payloads ``(payload, record)`` in one batch of chunks on
+        ``threads`` threads (default: all cores), and with ``crc`` the CRC-32 of each payload.
+
+        Why a batch: on a small model, one call (and one thread hand-off) per chunk cost as much
+        as decoding it; here all chunks of all the tensors, largest first, share the threads in
+        one native call (``_lossless3.decode_chunks``). Returns the tensors and the CRCs (or
+        ``None``); a damaged payload raises :class:`MrcFormatError` naming its tensor and chunk.
+        """
+        threads = resolve_threads(threads)
+        plans = [_plan(payload, record) for payload, record in items]
+        jobs = [job for plan in plans for job in plan.jobs]
+        if _native is not None:
+            crcs, error = _native.decode_chunks(jobs, [payload for payload, _ in items] if crc else [], threads)
+            if error is not None:
+                index, reason = error
+                for plan in plans:
+                    if index < len(plan.jobs):
+                        raise MrcFormatError(f"{_where(plan.record)}: chunk {index}: {reason}")
+                    index -= len(plan.jobs)
         else:
-            offsets = list(itertools.accumulate(lengths, initial=4 * count))
+            for plan in plans:
+                for k, (data, size, bits, target) in enumerate(plan.jobs):
+                    try:
+                        target.view(f"<u{size}")[...] = decode_chunk_reference(data, len(target) // size, size, bits)
+                    except ValueError as exc:
+                        raise MrcFormatError(f"{_where(plan.record)}: chunk {k}: {exc}") from None
+            crcs = [crc32(payload) for payload, _ in items] if crc else []
+        return [plan.tensor() for plan in plans], (crcs if crc else None)
 
-            def decode_chunk(k: int) -> None:
-                start, stop = k * chunk, min(n, (k + 1) * chunk)
-                _decode_chunk(view[offsets[k]:offsets[k + 1]], out[start * size:stop * size], stop - start, size, bits,
-                              record, k)
 
-            map_ordered(decode_chunk, range(count), resolve_threads(threads))
+@dataclass
+class _Plan:
+    """One tensor's decode: its output bytes and the chunk jobs ``(src, itemsize, symbol_bits,
+    dst)`` that fill them (the C kernel's argument layout)."""
+
+    record: TensorRecord
+    out: Any
+    jobs: list[tuple[Any, int, int, Any]]
+
+    def tensor(self) -> Any:
+        record = self.record
+        if record.numel == 0:
+            return torch.empty(record.shape, dtype=torch_dtype(record.dtype))
         if sys.byteorder == "little":
-            return torch.from_numpy(out).view(torch_dtype(record.dtype)).reshape(record.shape)
-        return tensor_from_le_bytes(out.data, record.dtype, record.shape)
+            return torch.from_numpy(self.out).view(torch_dtype(record.dtype)).reshape(record.shape)
+        return tensor_from_le_bytes(self.out.data, record.dtype, record.shape)
+
+
+def _plan(payload: Any, record: TensorRecord) -> _Plan:
+    """The chunk jobs of one payload, its length table checked (``MrcFormatError`` if wrong)."""
+    n, size = record.numel, itemsize(record.dtype)
+    out = np.empty(n * size, dtype=np.uint8)
+    if n == 0:
+        return _Plan(record, out, [])
+    chunk, bits = record.params["chunk"], record.params["symbol_bits"]
+    count = -(-n // chunk)
+    # The table in plain Python: for a model's many small tensors numpy's per-call cost
+    # would be most of the decode.
+    if len(payload) < 4 * count:
+        raise MrcFormatError(f"{_where(record)}: payload shorter than its length table")
+    lengths = struct.unpack_from(f"<{count}I", payload)
+    if 4 * count + sum(lengths) != len(payload):
+        raise MrcFormatError(f"{_where(record)}: chunk lengths do not add up to the payload")
+    view = memoryview(payload)
+    jobs = []
+    pos = 4 * count
+    for k, length in enumerate(lengths):
+        start, stop = k * chunk, min(n, (k + 1) * chunk)
+        if not 1 <= length <= 1 + (stop - start) * size:
+            raise MrcFormatError(f"{_where(record)}: chunk {k} is {length} bytes, longer than stored or empty")
+        jobs.append((view[pos:pos + length], size, bits, out[start * size:stop * size]))
+        pos += length
+    return _Plan(record, out, jobs)
 
 
 def _encode_options(options: Mapping[str, Any], n: int, dtype: str) -> tuple[int, int, Any]:
@@ -191,19 +240,6 @@ def _encode_options(options: Mapping[str, Any], n: int, dtype: str) -> tuple[int
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_SYMBOL_BITS <= bits <= MAX_SYMBOL_BITS:
         raise CodecError(f"lossless3 symbol_bits must be an integer in {MIN_SYMBOL_BITS}..{MAX_SYMBOL_BITS}, got {bits!r}")
     return chunk, bits, options.get("threads")
-
-
-def _decode_chunk(data: memoryview, target: Any, m: int, size: int, bits: int, record: TensorRecord, k: int) -> None:
-    """Chunk ``k`` (``m`` elements) into ``target``, by the C kernel or the reference reader."""
-    if not 1 <= len(data) <= 1 + m * size:
-        raise MrcFormatError(f"{_where(record)}: chunk {k} is {len(data)} bytes, longer than stored or empty")
-    try:
-        if _native is not None:
-            _native.decode_chunk(data, size, bits, target)
-        else:
-            target.view(f"<u{size}")[...] = decode_chunk_reference(data, m, size, bits)
-    except ValueError as exc:
-        raise MrcFormatError(f"{_where(record)}: chunk {k}: {exc}") from None
 
 
 # ---- the reference reader (numpy; used without the C extension, and by the tests) ---------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from mlcompress.codecs.lossless3 import crc32
 from mlcompress.errors import InputError, MrcFormatError
 from mlcompress.workers import resolve_threads, submit
 from mlcompress.format.dtypes import torch_dtype
-from mlcompress.format.header import PREAMBLE, Unit, check_layout, decode_header, parse_header, read_preamble
+from mlcompress.format.header import ALIGN, PREAMBLE, Unit, check_layout, decode_header, parse_header, read_preamble
 from mlcompress.format.records import GroupRecord, TensorRecord
 from mlcompress.lazy import numpy as np
 from mlcompress.lazy import torch
@@ -22,6 +23,8 @@ from mlcompress.lazy import torch
 #: Payloads at least this large have their CRC computed on a worker thread while a parallel
 #: codec decodes them (docs/lossless.md): below it the hand-off costs more than it saves.
 CONCURRENT_CRC_BYTES = 1 << 20
+#: :meth:`MrcFile.tensors` reads and decodes payloads in runs of about this many bytes.
+RUN_BYTES = 64 << 20
 
 
 class MrcFile:
@@ -100,51 +103,114 @@ class MrcFile:
         return self._decode(self.record(name), _as_device(device), resolve_threads(threads), None)
 
     def _decode(self, rec: TensorRecord, device: Any, threads: int, handle: BinaryIO | None) -> Any:
+        if rec.group is None:
+            return self._decode_run([rec], device, threads, handle)[rec.name]
         codec = codecs.get(rec.codec)
+        data = self.payload(rec.name, handle=handle)
         if getattr(codec, "parallel", False):
-            out = self._decode_parallel(codec, rec, device, threads, handle)
-        else:
-            out = codec.decode(self.payload(rec.name, handle=handle), rec, device)
+            return self._checked(codec.decode(data, rec, device, threads=threads), rec, device)
+        return self._checked(codec.decode(data, rec, device), rec, device)
+
+    def _checked(self, out: Any, rec: TensorRecord, device: Any) -> Any:
+        """``out`` on ``device``, once its shape and dtype are the header's."""
         if tuple(out.shape) != rec.shape or out.dtype != torch_dtype(rec.dtype):
             raise MrcFormatError(
                 f"{self.path}: {rec.name!r} decoded to {tuple(out.shape)} {out.dtype}, header says {rec.shape} {rec.dtype}"
             )
         return out if out.device == device else out.to(device)
 
-    def _decode_parallel(self, codec: Any, rec: TensorRecord, device: Any, threads: int,
-                         handle: BinaryIO | None) -> Any:
-        """Decode with a codec that takes ``threads``; a large payload's CRC is computed on a
-        worker meanwhile (the decoded tensor is returned only once the CRC matched)."""
-        if rec.group is not None:
-            return codec.decode(self.payload(rec.name, handle=handle), rec, device, threads=threads)
-        data = self._read_unchecked(rec.offset, rec.length, repr(rec.name), view=True, handle=handle)
+    def tensors(self, *, device: Any = "cpu", threads: int | None = None) -> dict[str, Any]:
+        """Decode every tensor on ``device``; aliases are restored as the very same tensor object.
+        ``threads`` is :meth:`tensor`'s.
+
+        Why in runs: for a small model, opening the file, reading each payload and calling the
+        codec once per chunk cost as much as decoding. So the file is opened once, consecutive
+        payloads are read together (:data:`RUN_BYTES` at a time), and the tensors of a codec
+        that decodes in batches (``decode_many``: ``lossless3``) are decoded in one batch with
+        the CRCs, every chunk of every tensor sharing the threads.
+        """
+        out: dict[str, Any] = {}
+        threads = resolve_threads(threads)
+        device = _as_device(device)
+        run: list[TensorRecord] = []
+        pending = 0  # payload bytes in run
+        with self._open() as handle:
+            for rec in self.records:
+                if rec.alias_of is not None:
+                    continue
+                if rec.group is not None:
+                    out[rec.name] = self._decode(rec, device, threads, handle)
+                    continue
+                run.append(rec)
+                pending += rec.length
+                if pending >= RUN_BYTES:
+                    out.update(self._decode_run(run, device, threads, handle))
+                    run, pending = [], 0
+            if run:
+                out.update(self._decode_run(run, device, threads, handle))
+        return {r.name: out[r.alias_of or r.name] for r in self.records}
+
+    def _decode_run(self, run: list[TensorRecord], device: Any, threads: int,
+                    handle: BinaryIO | None) -> dict[str, Any]:
+        """Decode the records of ``run`` (payloads of their own, no group), each CRC checked
+        before its tensor is returned; damage is reported as damage, not as what it broke."""
+        views = self._read_run(run, handle)
+        batches: dict[str, list[tuple[memoryview, TensorRecord]]] = {}
+        decoded: dict[str, Any] = {}
+        for view, rec in zip(views, run):
+            codec = codecs.get(rec.codec)
+            if hasattr(codec, "decode_many"):
+                batches.setdefault(rec.codec, []).append((view, rec))
+            else:
+                decoded[rec.name] = self._decode_one(codec, view, rec, device, threads)
+        for name, items in batches.items():
+            try:
+                tensors, crcs = codecs.get(name).decode_many(items, threads, crc=True)
+            except MrcFormatError:
+                for view, rec in items:
+                    if crc32(view) != rec.crc32:
+                        raise self._checksum_error(repr(rec.name)) from None
+                raise
+            for (_, rec), crc, tensor in zip(items, crcs, tensors):
+                if crc != rec.crc32:
+                    raise self._checksum_error(repr(rec.name))
+                decoded[rec.name] = self._checked(tensor, rec, device)
+        return decoded
+
+    def _decode_one(self, codec: Any, data: memoryview, rec: TensorRecord, device: Any, threads: int) -> Any:
+        """One payload already read, with a codec that does not batch. A codec that takes
+        ``threads`` (``lossless2``) gets the buffer itself, and a large payload's CRC is computed
+        on a worker meanwhile (the tensor is returned only once the CRC matched); the others get
+        ``bytes``."""
+        if not getattr(codec, "parallel", False):
+            if crc32(data) != rec.crc32:
+                raise self._checksum_error(repr(rec.name))
+            return self._checked(codec.decode(bytes(data), rec, device), rec, device)
         if threads == 1 or rec.length < CONCURRENT_CRC_BYTES:
             if crc32(data) != rec.crc32:
                 raise self._checksum_error(repr(rec.name))
-            return codec.decode(data, rec, device, threads=threads)
+            return self._checked(codec.decode(data, rec, device, threads=threads), rec, device)
         crc = submit(threads, crc32, data)
         try:
             out = codec.decode(data, rec, device, threads=threads)
         except MrcFormatError:
-            if crc.result() != rec.crc32:  # damage is reported as damage, not as what it broke
+            if crc.result() != rec.crc32:
                 raise self._checksum_error(repr(rec.name)) from None
             raise
         if crc.result() != rec.crc32:
             raise self._checksum_error(repr(rec.name))
-        return out
+        return self._checked(out, rec, device)
 
-    def tensors(self, *, device: Any = "cpu", threads: int | None = None) -> dict[str, Any]:
-        """Decode every tensor on ``device``; aliases are restored as the very same tensor object.
-        ``threads`` is :meth:`tensor`'s. The file is opened once for all of them (opening it per
-        tensor cost more than decoding a small tensor)."""
-        out: dict[str, Any] = {}
-        threads = resolve_threads(threads)
-        device = _as_device(device)
-        with self._open() as handle:
-            for rec in self.records:
-                if rec.alias_of is None:
-                    out[rec.name] = self._decode(self._by_name[rec.name], device, threads, handle)
-        return {r.name: out[r.alias_of or r.name] for r in self.records}
+    def _read_run(self, run: list[TensorRecord], handle: BinaryIO | None) -> list[memoryview]:
+        """The payloads of ``run``: views of one read when they follow each other in the file
+        (the writer lays them out in order, ``ALIGN``-padded), else one read each."""
+        consecutive = all(0 <= b.offset - (a.offset + a.length) < ALIGN for a, b in zip(run, run[1:]))
+        if not consecutive:
+            return [self._read_unchecked(r.offset, r.length, repr(r.name), view=True, handle=handle) for r in run]
+        start = run[0].offset
+        span = self._read_unchecked(start, run[-1].offset + run[-1].length - start, repr(run[0].name), view=True,
+                                    handle=handle)
+        return [span[r.offset - start : r.offset - start + r.length] for r in run]
 
     @contextmanager
     def _open(self) -> Iterator[BinaryIO | None]:
@@ -206,12 +272,14 @@ def open_mrc(source: str | os.PathLike | bytes) -> MrcFile:
         data = bytes(source)
         return _open(Path("<bytes>"), io.BytesIO(data), len(data), data)
     path = Path(source)
-    if not path.exists():
-        raise InputError(f"{path} does not exist")
-    if not path.is_file():
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{path} is not a file")
     with open(path, "rb") as f:
-        return _open(path, f, path.stat().st_size, None)
+        return _open(path, f, info.st_size, None)
 
 
 def _open(path: Path, f: BinaryIO, size: int, data: bytes | None) -> MrcFile:

@@ -99,16 +99,23 @@ def file_size(entries: Iterable[Entry], metadata: Mapping[str, Any]) -> int:
 COPY_CHUNK = 1 << 24
 
 
+#: :class:`MrcWriter` holds payloads in memory up to this many bytes before it spools them.
+SPOOL_AFTER = 8 << 20
+
+
 class MrcWriter:
     """A ``.mrc`` file built from entries handed over one at a time.
 
     The header, which comes first in the file, holds every payload's offset and length, so it
     is known only once the last tensor is encoded. With ``spool`` (what streaming encoders use)
-    each payload goes to a temporary file beside the destination as soon as it is added, and
-    only its record stays in memory: memory is bounded by one tensor, whatever the model's size.
-    :meth:`finish` then writes the preamble and header and copies the payloads after them (in
-    the kernel where it can, ``copy_file_range``), atomically. Without ``spool`` payloads are
-    kept in memory, which is cheaper for the many small trial files a size search writes.
+    payloads are held in memory until they add up to :data:`SPOOL_AFTER` bytes; from then on
+    each goes to a temporary file beside the destination as soon as it is added, and only its
+    record stays in memory: memory is bounded by one tensor (plus that much), whatever the
+    model's size. :meth:`finish` then writes the preamble and header and copies the payloads
+    after them (in the kernel where it can, ``copy_file_range``), atomically. Why not spool at
+    once: for a small model, creating, copying and removing the spool file cost as much as
+    encoding it. Without ``spool`` payloads are always kept in memory, which is cheaper for the
+    many small trial files a size search writes.
 
     Use as a context manager: leaving it by an exception removes the spool and writes nothing.
     """
@@ -122,10 +129,9 @@ class MrcWriter:
         self._spooled: dict[str, tuple[int, int]] = {}  # name -> (offset in the spool, length)
         self._spool_path: Path | None = None
         self._spool: Any = None
-        if spool:
-            self._spool_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.spool")
-            self._spool = open(self._spool_path, "xb+")
-            self._spool_end = 0
+        self._may_spool = spool
+        self._held = 0  # payload bytes in _memory
+        self._spool_end = 0
 
     def __enter__(self) -> "MrcWriter":
         return self
@@ -153,10 +159,26 @@ class MrcWriter:
             return
         if self._spool is None:
             self._memory[entry.name] = entry.payload
+            self._held += rec.length
+            if self._may_spool and self._held > SPOOL_AFTER:
+                self._spill()
             return
-        self._spool.write(entry.payload)
-        self._spooled[entry.name] = (self._spool_end, rec.length)
-        self._spool_end += rec.length
+        self._write_spool(entry.name, entry.payload)
+
+    def _spill(self) -> None:
+        """Start the spool: the payloads held so far go to it, and every later one."""
+        self._spool_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.spool")
+        self._spool = open(self._spool_path, "xb+")
+        for name, payload in self._memory.items():
+            self._write_spool(name, payload)
+        self._memory.clear()
+        self._held = 0
+
+    def _write_spool(self, name: str, payload: bytes | memoryview) -> None:
+        self._spool.write(payload)
+        length = memoryview(payload).nbytes
+        self._spooled[name] = (self._spool_end, length)
+        self._spool_end += length
 
     def _payload(self, name: str) -> bytes | memoryview:
         if name in self._memory:
