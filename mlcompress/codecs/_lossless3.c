@@ -1192,8 +1192,7 @@ static PyObject *py_simd(PyObject *self, PyObject *arg) {
  * was as large as the coding itself, so a second thread made decoding slower. A batch holds
  * every chunk of every tensor of a read (and the CRC of every payload): one call parses the
  * buffers, releases the GIL once, and `threads` native threads (the caller and threads - 1
- * started for the call, a few microseconds each) take the jobs largest first from a shared
- * counter. Jobs write disjoint buffers, so the bytes never depend on the thread count. */
+ * workers of a pool kept for the process) take the jobs largest first from a shared counter. Jobs write disjoint buffers, so the bytes never depend on the thread count. */
 
 enum { JOB_DECODE, JOB_ENCODE, JOB_CRC };
 
@@ -1241,6 +1240,85 @@ static int by_cost(const void *a, const void *b) {
     return *(const size_t *)a < *(const size_t *)b ? -1 : 1;
 }
 
+#ifdef HAVE_THREADS
+/* A pool of native worker threads, started on first use and kept: measured on a 2-core VM, a
+ * thread created for each call started its first job about 100 us late (placing a new thread
+ * on an idle CPU), which on a small model's 400 us decode left a second thread almost nothing
+ * to do; a parked worker woken through a condition variable starts within about 10 us. The
+ * pool runs one batch at a time (a second caller meanwhile decodes alone), workers never touch
+ * Python objects, and a forked child starts with an empty pool. */
+enum { MAX_WORKERS = 255 };
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER; /* held by the batch using the pool */
+static pthread_mutex_t pool_mutex = PTHREAD_MUTEX_INITIALIZER; /* guards the fields below */
+static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
+static int pool_started;     /* workers running */
+static batch *pool_batch;    /* the batch workers may join; NULL once its jobs are all taken */
+static unsigned pool_round;  /* bumped for each batch, so a worker joins each at most once */
+static int pool_wanted;      /* workers the batch asks for, and how many have joined it */
+static int pool_joined, pool_active;
+
+static void *pool_worker(void *arg) {
+    (void)arg;
+    unsigned seen = 0;
+    pthread_mutex_lock(&pool_mutex);
+    for (;;) {
+        while (pool_round == seen || !pool_batch || pool_joined >= pool_wanted) {
+            seen = pool_round;
+            pthread_cond_wait(&pool_work, &pool_mutex);
+        }
+        seen = pool_round;
+        batch *b = pool_batch;
+        pool_joined++;
+        pool_active++;
+        pthread_mutex_unlock(&pool_mutex);
+        drain(b);
+        pthread_mutex_lock(&pool_mutex);
+        if (--pool_active == 0)
+            pthread_cond_signal(&pool_done);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) { /* the child has none of the parent's threads */
+    pthread_mutex_init(&pool_busy, NULL);
+    pthread_mutex_init(&pool_mutex, NULL);
+    pthread_cond_init(&pool_work, NULL);
+    pthread_cond_init(&pool_done, NULL);
+    pool_started = 0;
+    pool_batch = NULL;
+    pool_joined = pool_active = pool_wanted = 0;
+}
+
+/* Drains b on the caller and up to `helpers` pool workers; returns once every job is done. */
+static void pool_run(batch *b, int helpers) {
+    if (helpers <= 0 || pthread_mutex_trylock(&pool_busy) != 0) {
+        drain(b);
+        return;
+    }
+    pthread_mutex_lock(&pool_mutex);
+    while (pool_started < helpers && pool_started < MAX_WORKERS) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, pool_worker, NULL) != 0)
+            break;
+        pthread_detach(t);
+        pool_started++;
+    }
+    pool_batch = b;
+    pool_round++;
+    pool_wanted = helpers;
+    pool_joined = 0;
+    pthread_cond_broadcast(&pool_work);
+    pthread_mutex_unlock(&pool_mutex);
+    drain(b);
+    pthread_mutex_lock(&pool_mutex);
+    pool_batch = NULL; /* workers that wake from now on leave this batch alone */
+    while (pool_active > 0)
+        pthread_cond_wait(&pool_done, &pool_mutex);
+    pthread_mutex_unlock(&pool_mutex);
+    pthread_mutex_unlock(&pool_busy);
+}
+#endif
+
 /* Runs the n jobs on `threads` threads (the caller included) with the GIL released. */
 static void run_batch(job *jobs, size_t *order, size_t n, int threads) {
     for (size_t k = 0; k < n; k++)
@@ -1250,18 +1328,10 @@ static void run_batch(job *jobs, size_t *order, size_t n, int threads) {
     qsort(order, n, sizeof *order, by_cost);
     Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_THREADS
-    enum { MAX_HELPERS = 255 };
-    pthread_t helpers[MAX_HELPERS];
-    int started = 0, wanted = threads - 1;
-    if ((size_t)wanted > n - (n > 0))
-        wanted = (int)(n - (n > 0));
-    if (wanted > MAX_HELPERS)
-        wanted = MAX_HELPERS;
-    while (started < wanted && pthread_create(&helpers[started], NULL, drain, &b) == 0)
-        started++;
-    drain(&b);
-    for (int t = 0; t < started; t++)
-        pthread_join(helpers[t], NULL);
+    int helpers = threads - 1;
+    if ((size_t)helpers > n - (n > 0))
+        helpers = (int)(n - (n > 0));
+    pool_run(&b, helpers);
 #else
     (void)threads;
     drain(&b);
@@ -1446,6 +1516,9 @@ PyMODINIT_FUNC PyInit__lossless3(void) {
 #endif
 #ifdef HAVE_AVX2_PATH
     have_avx2 = __builtin_cpu_supports("avx2");
+#endif
+#ifdef HAVE_THREADS
+    pthread_atfork(NULL, NULL, pool_after_fork);
 #endif
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
