@@ -1319,8 +1319,14 @@ static void pool_run(batch *b, int helpers) {
 }
 #endif
 
-/* Runs the n jobs on `threads` threads (the caller included) with the GIL released. */
-static void run_batch(job *jobs, size_t *order, size_t n, int threads) {
+/* Runs the n jobs on `threads` threads (the caller included) with the GIL released; -1 with
+ * MemoryError set (and nothing run) if the job order cannot be allocated. */
+static int run_batch(job *jobs, size_t n, int threads) {
+    size_t *order = PyMem_Malloc((n + 1) * sizeof *order);
+    if (!order) {
+        PyErr_NoMemory();
+        return -1;
+    }
     for (size_t k = 0; k < n; k++)
         order[k] = k;
     batch b = {jobs, order, n, 0};
@@ -1337,6 +1343,8 @@ static void run_batch(job *jobs, size_t *order, size_t n, int threads) {
     drain(&b);
 #endif
     Py_END_ALLOW_THREADS
+    PyMem_Free(order);
+    return 0;
 }
 
 static void release_jobs(job *jobs, size_t n) {
@@ -1418,13 +1426,10 @@ static PyObject *py_decode_chunks(PyObject *self, PyObject *args) {
     job *jobs = parse_jobs(chunks, crcs, JOB_DECODE, &n);
     if (!jobs)
         return NULL;
-    size_t *order = PyMem_Malloc((n + 1) * sizeof *order);
-    if (!order) {
+    if (run_batch(jobs, n, threads) < 0) {
         release_jobs(jobs, n);
-        return PyErr_NoMemory();
+        return NULL;
     }
-    run_batch(jobs, order, n, threads);
-    PyMem_Free(order);
     PyObject *values = PyList_New(0), *error = NULL;
     for (size_t k = 0; values && k < n; k++) {
         if (jobs[k].kind == JOB_CRC) {
@@ -1461,13 +1466,10 @@ static PyObject *py_encode_chunks(PyObject *self, PyObject *args) {
     job *jobs = parse_jobs(chunks, NULL, JOB_ENCODE, &n);
     if (!jobs)
         return NULL;
-    size_t *order = PyMem_Malloc((n + 1) * sizeof *order);
-    if (!order) {
+    if (run_batch(jobs, n, threads) < 0) {
         release_jobs(jobs, n);
-        return PyErr_NoMemory();
+        return NULL;
     }
-    run_batch(jobs, order, n, threads);
-    PyMem_Free(order);
     PyObject *lengths = PyList_New((Py_ssize_t)n);
     for (size_t k = 0; lengths && k < n; k++) {
         if (jobs[k].result < 0) {
