@@ -169,9 +169,12 @@ def read_preamble(path: Path, pre: bytes, size: int) -> tuple[int, int, int]:
     return version, header_crc, header_len
 
 
-def _need(cond: bool, path: Path, what: str) -> None:
+def _need(cond: bool, path: Path, what: str, *args: Any) -> None:
+    """Raise ``MrcFormatError`` unless ``cond``. The message is ``what.format(*args)``, built only
+    on failure: a header has checks per tensor, and formatting every message of a well-formed
+    file cost most of the time to open a small model's file."""
     if not cond:
-        raise MrcFormatError(f"{path}: {what}")
+        raise MrcFormatError(f"{path}: {what.format(*args) if args else what}")
 
 
 def _is_int(x: Any) -> bool:
@@ -219,12 +222,11 @@ def parse_header(path: Path, doc: Any, version: int = VERSION,
     names: set[str] = set()
     limit = max_tensor_bytes()
     for rec in records:
-        _need(rec.name not in names, path, f"tensor {rec.name!r} appears twice")
+        _need(rec.name not in names, path, "tensor {!r} appears twice", rec.name)
         names.add(rec.name)
         if rec.alias_of is None:
-            _need(rec.nbytes <= limit, path,
-                  f"tensor {rec.name!r} would decode to {rec.nbytes} bytes, above the limit of {limit} "
-                  "(set MLCOMPRESS_MAX_TENSOR_BYTES to allow it)")
+            _need(rec.nbytes <= limit, path, "tensor {!r} would decode to {} bytes, above the limit of {} "
+                  "(set MLCOMPRESS_MAX_TENSOR_BYTES to allow it)", rec.name, rec.nbytes, limit)
     by_name = {r.name: r for r in records}
     for rec in records:
         if rec.alias_of is not None:
@@ -234,9 +236,12 @@ def parse_header(path: Path, doc: Any, version: int = VERSION,
     return records, units, file_size, metadata
 
 
-def _parse_position(path: Path, item: dict, what: str) -> tuple[int, int, int]:
+def _parse_position(path: Path, item: dict, what: str, *args: Any) -> tuple[int, int, int]:
+    """``offset``, ``length`` and ``crc32`` of a record; ``what.format(*args)`` names it in errors."""
     for key in ("offset", "length", "crc32"):
-        _need(_is_int(item.get(key)) and item[key] >= 0, path, f"{what} has an invalid {key}")
+        value = item.get(key)
+        if not (_is_int(value) and value >= 0):
+            _need(False, path, "{} has an invalid {}", what.format(*args), key)
     return item["offset"], item["length"], item["crc32"]
 
 
@@ -251,40 +256,23 @@ def _parse_group(path: Path, item: dict) -> GroupRecord:
 
 
 def _parse_record(path: Path, item: Any, version: int) -> TensorRecord:
-    """One tensor record, structurally validated. Why the fast path: a header has a record per
-    tensor and opening a small model's file was dominated by these checks; a record the writer
-    wrote passes the first test, and any other gets the step-by-step checks and their messages."""
-    if (version >= 2 and type(item) is dict and item.keys() <= _RECORD_KEYS and type(item.get("name")) is str
-            and type(item.get("codec")) is str and type(item.get("dtype", "float32")) is str
-            and item.get("dtype", "float32") in ITEMSIZE and type(item.get("params", _EMPTY)) is dict
-            and type(shape := item.get("shape")) is list and len(shape) <= MAX_DIMS
-            and all(type(v) is int and v >= 0 for v in shape)
-            and all(type(v := item.get(k)) is int and v >= 0 for k in _POSITION_KEYS)):
-        return TensorRecord(item["name"], tuple(shape), item.get("dtype", "float32"), item["codec"],
-                            item.get("params", {}), item["offset"], item["length"], item["crc32"])
     _need(isinstance(item, dict) and isinstance(item.get("name"), str), path, "tensor record without a name")
     name = item["name"]
     if "alias_of" in item:
         _need(set(item) == {"name", "alias_of"} and isinstance(item["alias_of"], str), path,
-              f"alias record {name!r} is malformed")
+              "alias record {!r} is malformed", name)
         return TensorRecord(name, (), "", alias_of=item["alias_of"])
     if version >= 2:  # defaults left out by the writer
         item = {"dtype": "float32", "params": {}, **item}
     shape = item.get("shape")
     _need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(s) and s >= 0 for s in shape),
-          path, f"tensor {name!r} has an invalid shape")
+          path, "tensor {!r} has an invalid shape", name)
     _need(isinstance(item.get("dtype"), str) and item["dtype"] in ITEMSIZE, path,
-          f"tensor {name!r} has unknown dtype {item.get('dtype')!r}")
-    _need(isinstance(item.get("codec"), str), path, f"tensor {name!r} names no codec")
-    _need(isinstance(item.get("params"), dict), path, f"tensor {name!r} has no codec params object")
-    offset, length, crc = _parse_position(path, item, f"tensor {name!r}")
+          "tensor {!r} has unknown dtype {!r}", name, item.get("dtype"))
+    _need(isinstance(item.get("codec"), str), path, "tensor {!r} names no codec", name)
+    _need(isinstance(item.get("params"), dict), path, "tensor {!r} has no codec params object", name)
+    offset, length, crc = _parse_position(path, item, "tensor {!r}", name)
     return TensorRecord(name, tuple(shape), item["dtype"], item["codec"], item["params"], offset, length, crc)
-
-
-#: The keys a version-2 tensor record may have (``alias_of`` records take the careful path).
-_RECORD_KEYS = frozenset({"name", "shape", "dtype", "codec", "params", "offset", "length", "crc32"})
-_POSITION_KEYS = ("offset", "length", "crc32")
-_EMPTY: dict = {}
 
 
 def _read_at(f, pos: int, n: int) -> bytes:
@@ -302,9 +290,9 @@ def check_layout(path: Path, f, units: Sequence[Unit], header_end: int, file_siz
     stored = sorted((u for u in units if has_payload(u)), key=lambda r: r.offset)
     pos = header_end
     for rec in stored:
-        _need(rec.offset % ALIGN == 0, path, f"payload of {rec.name!r} is not {ALIGN}-byte aligned")
-        _need(rec.offset >= pos, path, f"payload of {rec.name!r} overlaps the header or another payload")
-        _need(rec.offset + rec.length <= file_size, path, f"payload of {rec.name!r} runs past the end of the file")
+        _need(rec.offset % ALIGN == 0, path, "payload of {!r} is not {}-byte aligned", rec.name, ALIGN)
+        _need(rec.offset >= pos, path, "payload of {!r} overlaps the header or another payload", rec.name)
+        _need(rec.offset + rec.length <= file_size, path, "payload of {!r} runs past the end of the file", rec.name)
         if rec.offset > pos:
             _need(rec.offset - pos < ALIGN, path, "gap between payloads is larger than the alignment")
             _need(_read_at(f, pos, rec.offset - pos) == b"\0" * (rec.offset - pos), path,
