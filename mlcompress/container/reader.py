@@ -103,9 +103,13 @@ class MrcFile:
         return self._decode(self.record(name), _as_device(device), resolve_threads(threads), None)
 
     def _decode(self, rec: TensorRecord, device: Any, threads: int, handle: BinaryIO | None) -> Any:
-        if rec.group is None:
-            return self._decode_run([rec], device, threads, handle)[rec.name]
         codec = codecs.get(rec.codec)
+        if rec.group is None:
+            if hasattr(codec, "decode_many"):
+                return self._decode_run([rec], device, threads, handle)[rec.name]
+            parallel = getattr(codec, "parallel", False)
+            data = self._read_unchecked(rec.offset, rec.length, repr(rec.name), view=parallel, handle=handle)
+            return self._decode_one(codec, data, rec, device, threads)
         data = self.payload(rec.name, handle=handle)
         if getattr(codec, "parallel", False):
             return self._checked(codec.decode(data, rec, device, threads=threads), rec, device)
@@ -177,15 +181,16 @@ class MrcFile:
                 decoded[rec.name] = self._checked(tensor, rec, device)
         return decoded
 
-    def _decode_one(self, codec: Any, data: memoryview, rec: TensorRecord, device: Any, threads: int) -> Any:
+    def _decode_one(self, codec: Any, data: bytes | memoryview, rec: TensorRecord, device: Any, threads: int) -> Any:
         """One payload already read, with a codec that does not batch. A codec that takes
         ``threads`` (``lossless2``) gets the buffer itself, and a large payload's CRC is computed
         on a worker meanwhile (the tensor is returned only once the CRC matched); the others get
-        ``bytes``."""
+        ``bytes``, as the codec protocol says."""
         if not getattr(codec, "parallel", False):
             if crc32(data) != rec.crc32:
                 raise self._checksum_error(repr(rec.name))
-            return self._checked(codec.decode(bytes(data), rec, device), rec, device)
+            payload = data if isinstance(data, bytes) else bytes(data)
+            return self._checked(codec.decode(payload, rec, device), rec, device)
         if threads == 1 or rec.length < CONCURRENT_CRC_BYTES:
             if crc32(data) != rec.crc32:
                 raise self._checksum_error(repr(rec.name))
