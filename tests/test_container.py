@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 import zlib
 from pathlib import Path
 
@@ -719,3 +720,32 @@ def test_tensors_read_in_runs_equal_tensors_read_one_by_one(tmp_path: Path, monk
     path.write_bytes(bytes(data))
     with pytest.raises(MrcFormatError, match="checksum mismatch in payload of 'h'"):
         open_mrc(path).tensors(threads=2)
+
+
+@pytest.mark.parametrize("scratch_bytes", [0, 1 << 20])
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_tensors_decoded_earlier_survive_later_reads(tmp_path: Path, monkeypatch, scratch_bytes: int,
+                                                     consecutive: bool) -> None:
+    """Reads reuse one scratch buffer per thread: every decoded tensor owns its memory, so the
+    tensors returned by earlier calls are unchanged by later reads, whichever codec made them,
+    and the payloads of a run that is not one contiguous read each get buffers of their own."""
+    from mlcompress.codecs import lossless3
+    from mlcompress.container import reader
+
+    monkeypatch.setattr(reader, "SCRATCH_BYTES", scratch_bytes)
+    monkeypatch.setattr(reader, "_SCRATCH", threading.local())
+    if not consecutive:  # no gap counts as "within the alignment padding": one read per payload
+        monkeypatch.setattr(reader, "ALIGN", 0)
+    g = torch.Generator().manual_seed(1)
+    fast = "lossless3" if lossless3.NATIVE else "lossless2"
+    tensors = {"a": torch.randn(2000, generator=g), "b": torch.randn(40, 30, generator=g).bfloat16(),
+               "c": torch.randn(500, generator=g), "d": torch.arange(77)}
+    plan = {"a": (fast, {}), "b": ("lossless2", {}), "c": (fast, {}), "d": ("raw", {})}
+    path = tmp_path / "m.mrc"
+    write_mrc(path, tensors, plan, {})
+    f = open_mrc(path)
+    kept = [{n: f.tensor(n, threads=1) for n in tensors}, f.tensors(threads=1), f.tensors(threads=2)]
+    for n in tensors:  # more reads through the same buffer
+        f.tensor(n, threads=1)
+    for got in kept:
+        assert_same_tensors(got, tensors)

@@ -7,7 +7,8 @@ A codec is any object with a stable ``name`` (the id written in the ``.mrc`` hea
   :class:`~mlcompress.errors.MrcFormatError` on any inconsistency.
 * ``decode(payload, record, device) -> torch.Tensor`` -- a tensor of exactly ``record.shape``
   and ``record.dtype``. ``device`` is where the work may run (only REC uses it; the bits never
-  depend on it); the result may be on the CPU, the container moves it.
+  depend on it); the result may be on the CPU, the container moves it. The result must own
+  its memory: a buffer payload is the reader's scratch memory, reused by its next read.
 * ``encode(tensor, options) -> (payload: bytes, params: dict)`` -- for codecs that code one
   tensor on its own; ``params`` must be JSON-able (the payload may also be a memoryview of
   bytes). REC has none: its blocks are chosen jointly over the whole model by

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import threading
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,17 +58,19 @@ class MrcFile:
         return self._by_name[rec.alias_of] if rec.alias_of is not None else rec
 
     def _read_unchecked(self, offset: int, length: int, what: str, view: bool = False,
-                        handle: BinaryIO | None = None) -> bytes | memoryview:
+                        handle: BinaryIO | None = None, scratch: bool = True) -> bytes | memoryview:
         """The payload bytes at ``offset``; from a file opened in memory, a view of them when
         ``view`` (for codecs that take any buffer), else a copy. ``handle``: the file, already
-        open (unbuffered), when several payloads are read in a row."""
+        open (unbuffered), when several payloads are read in a row. A ``view`` read from the
+        file lies in this thread's scratch buffer (valid until its next read) unless not
+        ``scratch``."""
         if self._data is not None:
             data = memoryview(self._data)[offset : offset + length] if view else self._data[offset : offset + length]
         elif handle is not None:
-            data = _read_into_array(handle, offset, length) if view else _read_bytes(handle, offset, length)
+            data = _read_into_array(handle, offset, length, scratch) if view else _read_bytes(handle, offset, length)
         else:
             with open(self.path, "rb", buffering=0) as f:
-                data = _read_into_array(f, offset, length) if view else _read_bytes(f, offset, length)
+                data = _read_into_array(f, offset, length, scratch) if view else _read_bytes(f, offset, length)
         if len(data) != length:
             raise MrcFormatError(f"{self.path}: payload of {what} is truncated")
         return data
@@ -211,7 +214,8 @@ class MrcFile:
         (the writer lays them out in order, ``ALIGN``-padded), else one read each."""
         consecutive = all(0 <= b.offset - (a.offset + a.length) < ALIGN for a, b in zip(run, run[1:]))
         if not consecutive:
-            return [self._read_unchecked(r.offset, r.length, repr(r.name), view=True, handle=handle) for r in run]
+            return [self._read_unchecked(r.offset, r.length, repr(r.name), view=True, handle=handle, scratch=False)
+                    for r in run]
         start = run[0].offset
         span = self._read_unchecked(start, run[-1].offset + run[-1].length - start, repr(run[0].name), view=True,
                                     handle=handle)
@@ -230,12 +234,16 @@ class MrcFile:
         return iter(self.records)
 
 
-def _read_into_array(f: BinaryIO, offset: int, length: int) -> memoryview:
+def _read_into_array(f: BinaryIO, offset: int, length: int, scratch: bool = True) -> memoryview:
     """``length`` bytes of the unbuffered file ``f`` from ``offset`` (fewer at the end of the
-    file) in a fresh numpy buffer. Why not ``f.read``: numpy backs large buffers with huge pages,
+    file) in a numpy buffer: with ``scratch``, this thread's scratch buffer (:func:`_scratch`)
+    when it is small enough, else a fresh one. Why not ``f.read``: numpy backs large buffers with huge pages,
     and on the machines measured (docs/lossless.md) first touching a large ``bytes`` object's
-    4 KiB pages cost about as much as decoding it."""
-    buffer = memoryview(np.empty(length, dtype=np.uint8))
+    4 KiB pages cost about as much as decoding it.
+
+    A scratch view is valid until this thread's next read: callers decode from it (codecs copy what
+    they keep, see :mod:`mlcompress.codecs`) and drop it before reading again."""
+    buffer = _scratch(length) if scratch else memoryview(np.empty(length, dtype=np.uint8))
     got = 0
     f.seek(offset)
     while got < length:
@@ -244,6 +252,27 @@ def _read_into_array(f: BinaryIO, offset: int, length: int) -> memoryview:
             break
         got += n
     return buffer[:got]
+
+
+#: Reads up to this size reuse one buffer per thread. Why: a fresh buffer of 128 KiB to a few
+#: MiB is mapped by malloc page by page and unmapped again when freed, so every read paid a page
+#: fault per 4 KiB (and the freed mapping also moved the decoded tensors onto fresh pages): on a
+#: LeNet-5 (1.4 MB file) that was 1.1 of 1.8 ms of ``tensors()`` (docs/lossless.md). Larger
+#: buffers get huge pages from numpy, where first touch is cheap; keeping one that large alive
+#: would cost memory for nothing.
+SCRATCH_BYTES = 4 << 20
+_SCRATCH = threading.local()
+
+
+def _scratch(length: int) -> memoryview:
+    """A writable buffer of ``length`` bytes: this thread's reused one up to :data:`SCRATCH_BYTES`
+    (grown to the next power of two when too small), else a fresh one."""
+    if length > SCRATCH_BYTES:
+        return memoryview(np.empty(length, dtype=np.uint8))
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or len(buffer) < length:
+        buffer = _SCRATCH.buffer = memoryview(np.empty(max(1 << 16, 1 << (length - 1).bit_length()), dtype=np.uint8))
+    return buffer[:length]
 
 
 def _read_bytes(f: BinaryIO, offset: int, length: int) -> bytes:
