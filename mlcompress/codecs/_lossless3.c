@@ -24,6 +24,7 @@
 
 #ifndef _WIN32
 #include <pthread.h>
+#include <time.h>
 #define HAVE_THREADS 1
 #endif
 
@@ -1244,8 +1245,9 @@ static int by_cost(const void *a, const void *b) {
 /* A pool of native worker threads, started on first use and kept: measured on a 2-core VM, a
  * thread created for each call started its first job about 100 us late (placing a new thread
  * on an idle CPU), which on a small model's 400 us decode left a second thread almost nothing
- * to do; a parked worker woken through a condition variable starts within about 10 us. The
- * pool runs one batch at a time (a second caller meanwhile decodes alone), workers never touch
+ * to do; a worker parked on a condition variable started within about 10 us there, but on
+ * another VM (Intel Xeon, 2 vCPUs) waking it took most of a LeNet-5 decode, so workers and the
+ * caller spin for a while before they park (SPIN_NS below). The pool runs one batch at a time (a second caller meanwhile decodes alone), workers never touch
  * Python objects, and a forked child starts with an empty pool. */
 enum { MAX_WORKERS = 255 };
 static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER; /* held by the batch using the pool */
@@ -1255,7 +1257,54 @@ static int pool_started;     /* workers running */
 static batch *pool_batch;    /* the batch workers may join; NULL once its jobs are all taken */
 static unsigned pool_round;  /* bumped for each batch, so a worker joins each at most once */
 static int pool_wanted;      /* workers the batch asks for, and how many have joined it */
-static int pool_joined, pool_active;
+static int pool_joined;
+static unsigned pool_active; /* workers still in the batch (read while spinning) */
+
+/* How long a thread spins before it sleeps: a worker after its batch (for the next one), the
+ * caller after its share (for the workers' last jobs). Why: on the VMs measured a thread
+ * parked in the kernel left its virtual CPU halted, and waking it took so long (a 2-thread
+ * decode of a LeNet-5 took 435 us against 455 on one) that a second thread did almost nothing;
+ * a tensors() call is one batch per read, so consecutive batches and a run of decodes find the
+ * workers awake. OpenMP runtimes spin similarly before they block. */
+#define SPIN_NS 2000000L
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spins while *word == value and SPIN_NS have not passed; returns whether it changed. */
+static int spin_while_equal(const unsigned *word, unsigned value) {
+    int64_t deadline = 0;
+    for (unsigned i = 0;; i++) {
+        if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != value)
+            return 1;
+        cpu_relax();
+        if ((i & 255) == 255) {
+            int64_t t = now_ns();
+            if (!deadline)
+                deadline = t + SPIN_NS;
+            else if (t > deadline)
+                return 0;
+        }
+    }
+}
+
+/* Spins while *word != 0, at most SPIN_NS. */
+static void spin_while_nonzero(const unsigned *word) {
+    unsigned value;
+    while ((value = __atomic_load_n(word, __ATOMIC_ACQUIRE)) != 0 && spin_while_equal(word, value)) {
+    }
+}
 
 static void *pool_worker(void *arg) {
     (void)arg;
@@ -1264,16 +1313,20 @@ static void *pool_worker(void *arg) {
     for (;;) {
         while (pool_round == seen || !pool_batch || pool_joined >= pool_wanted) {
             seen = pool_round;
-            pthread_cond_wait(&pool_work, &pool_mutex);
+            pthread_mutex_unlock(&pool_mutex);
+            int woke = spin_while_equal(&pool_round, seen);
+            pthread_mutex_lock(&pool_mutex);
+            if (!woke && pool_round == seen)
+                pthread_cond_wait(&pool_work, &pool_mutex);
         }
         seen = pool_round;
         batch *b = pool_batch;
         pool_joined++;
-        pool_active++;
+        __atomic_add_fetch(&pool_active, 1, __ATOMIC_RELAXED);
         pthread_mutex_unlock(&pool_mutex);
         drain(b);
         pthread_mutex_lock(&pool_mutex);
-        if (--pool_active == 0)
+        if (__atomic_sub_fetch(&pool_active, 1, __ATOMIC_RELEASE) == 0)
             pthread_cond_signal(&pool_done);
     }
     return NULL;
@@ -1304,14 +1357,19 @@ static void pool_run(batch *b, int helpers) {
         pool_started++;
     }
     pool_batch = b;
-    pool_round++;
     pool_wanted = helpers;
     pool_joined = 0;
+    __atomic_add_fetch(&pool_round, 1, __ATOMIC_RELEASE); /* spinning workers see it at once */
     pthread_cond_broadcast(&pool_work);
     pthread_mutex_unlock(&pool_mutex);
     drain(b);
     pthread_mutex_lock(&pool_mutex);
     pool_batch = NULL; /* workers that wake from now on leave this batch alone */
+    if (pool_active > 0) { /* the workers' last jobs: spin for them before sleeping */
+        pthread_mutex_unlock(&pool_mutex);
+        spin_while_nonzero(&pool_active);
+        pthread_mutex_lock(&pool_mutex);
+    }
     while (pool_active > 0)
         pthread_cond_wait(&pool_done, &pool_mutex);
     pthread_mutex_unlock(&pool_mutex);
