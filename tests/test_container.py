@@ -724,15 +724,18 @@ def test_tensors_read_in_runs_equal_tensors_read_one_by_one(tmp_path: Path, monk
 
 @pytest.mark.parametrize("scratch_bytes", [0, 1 << 20])
 @pytest.mark.parametrize("consecutive", [True, False])
+@pytest.mark.parametrize("run_bytes", [1, 1 << 30])
 def test_tensors_decoded_earlier_survive_later_reads(tmp_path: Path, monkeypatch, scratch_bytes: int,
-                                                     consecutive: bool) -> None:
-    """Reads reuse one scratch buffer per thread: every decoded tensor owns its memory, so the
-    tensors returned by earlier calls are unchanged by later reads, whichever codec made them,
-    and the payloads of a run that is not one contiguous read each get buffers of their own."""
+                                                     consecutive: bool, run_bytes: int) -> None:
+    """Reads reuse one scratch buffer per thread (and, within ``tensors()``, one buffer for the
+    large reads of its runs): every decoded tensor owns its memory, so the tensors returned by
+    earlier calls and runs are unchanged by later reads, whichever codec made them, and the
+    payloads of a run that is not one contiguous read each get buffers of their own."""
     from mlcompress.codecs import lossless3
     from mlcompress.container import reader
 
     monkeypatch.setattr(reader, "SCRATCH_BYTES", scratch_bytes)
+    monkeypatch.setattr(reader, "RUN_BYTES", run_bytes)
     monkeypatch.setattr(reader, "_SCRATCH", threading.local())
     if not consecutive:  # no gap counts as "within the alignment padding": one read per payload
         monkeypatch.setattr(reader, "ALIGN", 0)
