@@ -285,6 +285,10 @@ def decode_entries(entries: dict[str, EncodedTensor], threads: int) -> dict[str,
     """Decode in-memory entries as the container's ``tensors()`` would (without the file): the
     entries of a codec that decodes in batches (``lossless3``) in one batch, the others one by
     one."""
+    for name in {e.codec for e in entries.values()}:  # as tensors() does before it reads
+        prepare = getattr(codecs.get(name), "prepare", None)
+        if prepare is not None:
+            prepare(threads)
     batched = {k: e for k, e in entries.items() if hasattr(codecs.get(e.codec), "decode_many")}
     out = {k: decode_entry(e, threads) for k, e in entries.items() if k not in batched}
     by_codec: dict[str, list[str]] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -390,6 +391,35 @@ def test_native_batches_equal_the_one_chunk_kernels():
     with pytest.raises(TypeError):
         native_module.encode_chunks([[chunks[0], 2, 10, targets[0]]], 1)
 
+
+
+@native
+def test_woken_workers_change_nothing_and_survive_fork():
+    """``prepare`` (``wake``) only gets the pool's workers spinning ahead of a batch: batches
+    after it, with spinning or parked workers, in this process and in a forked child (which
+    starts with no workers), decode bit-exactly; a thread count of 1 or less wakes nothing."""
+    t = weights(torch.float32, 4 * 2000 + 3)
+    payload, params = CODEC.encode(t, {"chunk": 2000})
+    item = (bytes(payload), record(t, params, len(payload)))
+    for threads in (0, 1, 2, 5):
+        lossless3._native.wake(threads)
+        CODEC.prepare(max(threads, 1))
+        assert_bit_exact(CODEC.decode_many([item], max(threads, 1))[0][0], t)
+    time.sleep(0.005)  # past the spin: parked workers take the next batch
+    assert_bit_exact(CODEC.decode_many([item], 3)[0][0], t)
+    with pytest.raises(TypeError):
+        lossless3._native.wake("2")
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh pool; exit status 0 only if the batch decodes exactly
+        ok = False
+        try:
+            CODEC.prepare(3)
+            ok = torch.equal(CODEC.decode_many([item], 3)[0][0].view(torch.int32), t.view(torch.int32))
+        finally:
+            os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
 
 # -- the spec's test vectors and whole files ---------------------------------------------------
 

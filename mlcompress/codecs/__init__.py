@@ -21,6 +21,8 @@ A codec is any object with a stable ``name`` (the id written in the ``.mrc`` hea
   several ``(payload, record)`` at once, every chunk of every tensor sharing the threads, and
   with ``crc`` return each payload's CRC-32 computed in the same pass (``lossless3``). The
   container's ``tensors()`` hands such a codec all its tensors of a read at once.
+* ``prepare(threads) -> None`` -- optional: called by ``tensors()`` before it reads the
+  payloads, so that a codec can get its threads running meanwhile (``lossless3``).
 
 Codecs depend only on :mod:`mlcompress.format` (and :mod:`mlcompress.workers` for threads);
 adding one means a module here and a :func:`register` call, and the container, checkpoint I/O

@@ -29,7 +29,7 @@
 #endif
 
 /* Bumped whenever the Python side would need other kernels: lossless3.py refuses a stale build. */
-#define KERNEL_VERSION 2
+#define KERNEL_VERSION 3
 
 #ifndef MAX_LEN /* (overridable only to measure other limits; the format fixes 12) */
 #define MAX_LEN 12 /* longest Huffman code, bits (docs/format.md 4.7) */
@@ -1342,13 +1342,8 @@ static void pool_after_fork(void) { /* the child has none of the parent's thread
     pool_joined = pool_active = pool_wanted = 0;
 }
 
-/* Drains b on the caller and up to `helpers` pool workers; returns once every job is done. */
-static void pool_run(batch *b, int helpers) {
-    if (helpers <= 0 || pthread_mutex_trylock(&pool_busy) != 0) {
-        drain(b);
-        return;
-    }
-    pthread_mutex_lock(&pool_mutex);
+/* Starts workers until the pool has `helpers` (or as many as the system gives); under pool_mutex. */
+static void pool_start(int helpers) {
     while (pool_started < helpers && pool_started < MAX_WORKERS) {
         pthread_t t;
         if (pthread_create(&t, NULL, pool_worker, NULL) != 0)
@@ -1356,6 +1351,16 @@ static void pool_run(batch *b, int helpers) {
         pthread_detach(t);
         pool_started++;
     }
+}
+
+/* Drains b on the caller and up to `helpers` pool workers; returns once every job is done. */
+static void pool_run(batch *b, int helpers) {
+    if (helpers <= 0 || pthread_mutex_trylock(&pool_busy) != 0) {
+        drain(b);
+        return;
+    }
+    pthread_mutex_lock(&pool_mutex);
+    pool_start(helpers);
     pool_batch = b;
     pool_wanted = helpers;
     pool_joined = 0;
@@ -1372,6 +1377,21 @@ static void pool_run(batch *b, int helpers) {
     }
     while (pool_active > 0)
         pthread_cond_wait(&pool_done, &pool_mutex);
+    pthread_mutex_unlock(&pool_mutex);
+    pthread_mutex_unlock(&pool_busy);
+}
+
+/* Starts the pool's workers if needed and wakes `helpers` of them without a batch: they spin
+ * (SPIN_NS) for the batch the caller is about to hand over, so waking a parked worker's CPU
+ * overlaps the caller's own preparation (reading the file, planning the chunks) instead of
+ * delaying the batch. A pool in use by another batch is left alone. */
+static void pool_wake(int helpers) {
+    if (helpers <= 0 || pthread_mutex_trylock(&pool_busy) != 0)
+        return;
+    pthread_mutex_lock(&pool_mutex);
+    pool_start(helpers);
+    __atomic_add_fetch(&pool_round, 1, __ATOMIC_RELEASE); /* no batch: woken workers spin */
+    pthread_cond_broadcast(&pool_work);
     pthread_mutex_unlock(&pool_mutex);
     pthread_mutex_unlock(&pool_busy);
 }
@@ -1546,6 +1566,26 @@ static PyObject *py_encode_chunks(PyObject *self, PyObject *args) {
     return lengths;
 }
 
+PyDoc_STRVAR(wake_doc,
+"wake(threads) -> None\n\n"
+"Get threads - 1 pool workers running (spinning, not parked) for a batch about to come: call it\n"
+"before the work that prepares the batch. Nothing else changes; a no-op for threads <= 1.");
+
+static PyObject *py_wake(PyObject *self, PyObject *arg) {
+    (void)self;
+    long threads = PyLong_AsLong(arg);
+    if (threads == -1 && PyErr_Occurred())
+        return NULL;
+#ifdef HAVE_THREADS
+    if (threads > 1) {
+        Py_BEGIN_ALLOW_THREADS
+        pool_wake(threads - 1 > MAX_WORKERS ? MAX_WORKERS : (int)(threads - 1));
+        Py_END_ALLOW_THREADS
+    }
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"simd", py_simd, METH_O, simd_doc},
     {"encode_chunk", py_encode_chunk, METH_VARARGS, encode_chunk_doc},
@@ -1553,6 +1593,7 @@ static PyMethodDef methods[] = {
     {"encode_chunks", py_encode_chunks, METH_VARARGS, encode_chunks_doc},
     {"decode_chunks", py_decode_chunks, METH_VARARGS, decode_chunks_doc},
     {"crc32", py_crc32, METH_VARARGS, crc32_doc},
+    {"wake", py_wake, METH_O, wake_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -45,7 +45,7 @@ from mlcompress.workers import resolve_threads
 try:  # the optional C extension; a build of other kernels than this file expects is not used
     import mlcompress.codecs._lossless3 as _native
 
-    if getattr(_native, "VERSION", None) != 2:
+    if getattr(_native, "VERSION", None) != 3:
         _native = None
 except ImportError:
     _native = None
@@ -95,13 +95,16 @@ class Lossless3Codec:
         dtype = dtype_name(tensor.dtype)
         if dtype not in DTYPES:
             raise CodecError(f"lossless3 stores {', '.join(DTYPES)}, not {dtype}", hint="use lossless2")
-        le = _le_bytes(tensor)
-        n, size = le.shape
+        n = tensor.numel()
         chunk, bits, threads = _encode_options(options, n, dtype)
         params = {"chunk": chunk, "symbol_bits": bits}
         count = -(-n // chunk)
         if count == 0:
             return memoryview(b""), params
+        if count > 1:  # the workers wake while the bytes are laid out
+            self.prepare(threads)
+        le = _le_bytes(tensor)
+        size = le.shape[1]
         flat = le.reshape(-1)
         # Chunk k is coded into its own slot of one buffer, as long as its stored form; the
         # slots are then closed up. One numpy buffer, not bytes objects: numpy backs large
@@ -147,6 +150,14 @@ class Lossless3Codec:
             raise MrcFormatError(f"{_where(record)}: payload of {record.length} bytes cannot hold "
                                  f"{n} elements in chunks of {chunk}")
 
+    def prepare(self, threads: int | None = None) -> None:
+        """Wake the native workers a batch on ``threads`` threads will use, so that they are
+        running when it starts: the container calls this before it reads the payloads, and
+        :meth:`decode_many` before it plans the chunks (docs/lossless.md, item 7)."""
+        threads = resolve_threads(threads)
+        if _native is not None and threads > 1:
+            _native.wake(threads)
+
     def decode(self, payload: Any, record: TensorRecord, device: Any = "cpu", threads: int | None = None) -> Any:
         return self.decode_many([(payload, record)], threads)[0][0]
 
@@ -161,6 +172,7 @@ class Lossless3Codec:
         ``None``); a damaged payload raises :class:`MrcFormatError` naming its tensor and chunk.
         """
         threads = resolve_threads(threads)
+        self.prepare(threads)
         plans = [_plan(payload, record) for payload, record in items]
         jobs = [job for plan in plans for job in plan.jobs]
         if _native is not None:

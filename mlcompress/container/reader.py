@@ -139,6 +139,10 @@ class MrcFile:
         out: dict[str, Any] = {}
         threads = resolve_threads(threads)
         device = _as_device(device)
+        for name in {r.codec for r in self.units if isinstance(r, TensorRecord)}:
+            prepare = getattr(codecs.get(name), "prepare", None)
+            if prepare is not None:  # threads woken now are running once the payloads are read
+                prepare(threads)
         run: list[TensorRecord] = []
         pending = 0  # payload bytes in run
         with self._open() as handle, _reusing_large_reads():
