@@ -408,7 +408,8 @@ def lossless(args: argparse.Namespace) -> int:
         machine = (f"{platform.machine()}, {os.cpu_count()} cores, no GPU; python {platform.python_version()}, "
                    f"torch {torch.__version__}, numpy {np.__version__}, zstandard {zstandard.__version__} "
                    f"(libzstd {'.'.join(map(str, zstandard.ZSTD_VERSION))})")
-        put_between_markers("codecs-lossless", f"Command: `.venv/bin/python {command}`. Machine: {machine}. "
+        python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
+        put_between_markers("codecs-lossless", f"Command: `{python} {command}`. Machine: {machine}. "
                    f"Best of {args.repeat} interleaved rounds (large set: {args.repeat_large}; old codec and zlib: "
                    f"at most 2 runs of their own); every round trip bit-exact. {zipnn_note}.\n\n{text}",
                             heading="## Lossless codecs v3 and v2 against zstd, zlib and ZipNN (issue 11)")
