@@ -24,6 +24,25 @@ second moments, the diagonal of GPTQ's ``XᵀX``, times the output-gradient mome
 the same step rule and search (``mlcompress.quant.rate.search_step``) so the two estimates
 are compared at equal size; its per-tensor step ratio to the Fisher's is kept in the rows.
 
+Group-wise parts (``--only lenet5-channels,gpt2-groups``): the same models with ``--per-channel``
+(the LeNet-5s at 10/20/30x) and ``--group-size G`` (the GPT-2s at 2/3/4 bits per parameter,
+``--group-sizes``, default 64 and 128), four rows per model, ratio and grouping, in the same run:
+
+* ``auto``: ``--allocation auto`` with the same groups (RMS-scaled group steps, no data);
+* ``hessian-rms``: tensor steps from the Fisher, group steps scaled by group RMS / tensor RMS
+  (``--allocation hessian`` before group steps came from the Fisher);
+* ``hessian``: ``--allocation hessian`` as it is now (``mlcompress.encode``): group steps from
+  the groups' own Fisher means, never coarser than the RMS scaling, on quarter octaves
+  (``rate.group_step_factors``);
+* ``fisher-groups``: the uncapped rule, ``Δ_g ∝ mean(F_g)^-1/2`` for every group
+  (``rate.fisher_group_factors``, on quarter octaves too), the candidate measured beside it;
+* ``rms-grid``: the RMS scaling on quarter octaves (no Fisher in the groups): how much of a
+  difference is the cheaper step-code table alone.
+
+The rows other than ``auto`` and ``hessian`` share one Fisher estimate per model (the
+library's: same calibration inputs, same seeded labels) and go through the library's search
+(``rate.search_step``).
+
 Tables go to stdout (markdown), progress to stderr, the rows to
 ``runs/allocation-hessian/results.json``.
 """
@@ -48,8 +67,10 @@ import mlcompress
 from mlcompress.assembly import base_metadata
 from mlcompress.checkpoint import load_checkpoint
 from mlcompress.quant.plan import quantizable_names, write_plan
-from mlcompress.quant.rate import search_step
-from mlcompress.quant.sensitivity import fisher_diagonal, sampled_log_likelihoods, tensor_sensitivity
+from mlcompress.codecs.quant.step import group_sizes, rms_factors
+from mlcompress.codecs.quant.uniform import GroupLayout
+from mlcompress.quant.rate import fisher_group_factors, quarter_octaves, search_step
+from mlcompress.quant.sensitivity import fisher_diagonal, group_sensitivity, sampled_log_likelihoods, tensor_sensitivity
 from mlcompress.tasks import get_task, load_task_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,6 +159,138 @@ def moments_file(model_path: Path, task, calibration: torch.Tensor, out: Path, r
             "file_bits_per_param": size.file_bits_per_param, "allocation": MOMENTS}, step_ratio
 
 
+GROUP_ROWS = ("auto", "hessian-rms", "hessian", "fisher-groups", "rms-grid")
+#: The rows written through ``search_step`` here (the others through ``mlcompress.encode``).
+SEARCHED = ("hessian-rms", "fisher-groups", "rms-grid")
+GROUP_LABELS = {"hessian-rms": "hessian, RMS-scaled groups (before)", "hessian": "**hessian** (groups: Fisher, capped)",
+                "fisher-groups": "hessian, groups: Fisher only", "rms-grid": "hessian, RMS groups on quarter octaves"}
+
+
+def grouped_file(model_path: Path, task, calibration: torch.Tensor, out: Path, ratio: float, layout: dict,
+                 rows: tuple[str, ...]) -> dict[str, dict]:
+    """The ``hessian-rms`` and ``fisher-groups`` files of one model, ratio and grouping (one
+    Fisher estimate), written under ``out``'s stem; their size reports by row."""
+    tensors = load_checkpoint(model_path)
+    names = quantizable_names(tensors)
+    model = load_task_model(task, tensors, "cpu")
+    fisher = fisher_diagonal(model, calibration, names)
+    sensitivity = tensor_sensitivity(fisher)
+    means = group_sensitivity(fisher, **layout)
+    layouts = {n: GroupLayout.for_shape(tuple(tensors[n].shape), **layout) for n in means}
+    reports = {}
+    for row in rows:
+        factors = None
+        if row == "fisher-groups":
+            factors = {n: quarter_octaves(fisher_group_factors(m, group_sizes(layouts[n]))) for n, m in means.items()}
+        elif row == "rms-grid":
+            factors = {n: quarter_octaves(rms_factors(tensors[n], layouts[n])) for n in means}
+        metadata = base_metadata(model_path, {"method": "step", "allocation": row, "target_ratio": ratio, **layout})
+        with tempfile.TemporaryDirectory() as tmp:
+            scratch = Path(tmp) / "trial.mrc"
+            _, plan, _ = search_step(tensors, ratio, lambda p: write_plan(scratch, tensors, p, metadata, force=True),
+                                     allocation="hessian", sensitivity=sensitivity, group_factors=factors, **layout)
+        path = out.with_name(f"{out.stem}-{row}.mrc")
+        size = write_plan(path, tensors, plan, metadata, force=True)
+        reports[row] = {"path": path, "ratio": size.fp32_ratio, "file_bytes": size.file_bytes,
+                        "file_bits_per_param": size.file_bits_per_param, "allocation": row}
+    return reports
+
+
+def classifier_group_rows(task: str, seed: int) -> list[dict]:
+    """``--per-channel`` on one classifier: the four :data:`GROUP_ROWS` at each ratio."""
+    model = CACHE / f"{task}-seed{seed}.pt"
+    base = mlcompress.evaluate(task, model, device="cpu")["accuracy"]
+    task_obj = get_task(task)
+    layout = {"per_channel": True, "group_size": None}
+    rows = []
+    for ratio in CLASSIFIERS[task]:
+        stem = WORK / f"{task}-seed{seed}-{ratio:g}-channels"
+        t0 = time.perf_counter()
+        reports = grouped_file(model, task_obj, task_obj.calibration(1000), stem, ratio, layout,
+                               SEARCHED)
+        for allocation in ("auto", "hessian"):
+            out = stem.with_name(f"{stem.name}-{allocation}.mrc")
+            report = mlcompress.encode(model, out, force=True, method=mlcompress.Quant(
+                target_ratio=float(ratio), allocation=allocation, task=task, device="cpu", per_channel=True)).to_json()
+            reports[allocation] = dict(report, path=out)
+        seconds = time.perf_counter() - t0
+        for allocation in GROUP_ROWS:
+            report = reports[allocation]
+            f = fidelity(task, model, report["path"])
+            rows.append({"model": model.stem, "grouping": "per-channel", "target": ratio, "allocation": allocation,
+                         "ran": report["allocation"], "ratio": report["ratio"], "file_bytes": report["file_bytes"],
+                         "base": base, "drop": 100 * (base - f["accuracy"]), "drop_se": f["drop_se"], "kl": f["kl"],
+                         "seconds": seconds})
+            r = rows[-1]
+            print(f"  {model.stem} {ratio:g}x per-channel {allocation}: {r['ratio']:.2f}x drop {r['drop']:+.2f} "
+                  f"({r['drop_se']:.2f}) KL {r['kl']:.5f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def gpt2_group_rows(name: str, calib_windows: int, group_sizes_: list[int]) -> list[dict]:
+    """``--group-size G`` on one GPT-2: the four :data:`GROUP_ROWS` at each rate and ``G``."""
+    model = CACHE / name
+    calib = _gpt2_calibration_text()
+    task = get_task("lm", calib, model)
+    windows = min(calib_windows, len(task.train_inputs))
+    scored = CACHE / "gpt2-local-val-24k.txt"
+    rows = []
+    for group in group_sizes_:
+        layout = {"per_channel": False, "group_size": group}
+        for ratio in GPT2_RATIOS:
+            stem = WORK / f"{name}-{ratio:.4g}-g{group}"
+            t0 = time.perf_counter()
+            reports = grouped_file(model, task, task.calibration(windows), stem, ratio, layout,
+                                   SEARCHED)
+            for allocation in ("auto", "hessian"):
+                out = stem.with_name(f"{stem.name}-{allocation}.mrc")
+                extra = {"task": "lm", "data": str(calib), "calib_samples": windows} if allocation == "hessian" else {}
+                report = mlcompress.encode(model, out, force=True, method=mlcompress.Quant(
+                    target_ratio=float(ratio), allocation=allocation, device="cpu", group_size=group, **extra)).to_json()
+                reports[allocation] = dict(report, path=out)
+            seconds = time.perf_counter() - t0
+            for allocation in GROUP_ROWS:
+                report = reports[allocation]
+                d = diverge_kl(model, report["path"], scored)
+                rows.append({"model": name, "grouping": f"group {group}", "target": ratio, "allocation": allocation,
+                             "ran": report["allocation"], "ratio": report["ratio"], "file_bytes": report["file_bytes"],
+                             "bits_per_param": report["file_bits_per_param"], "kl": mean_kl(d), "kl_se": _kl_se(d),
+                             "calib_windows": windows, "seconds": seconds})
+                r = rows[-1]
+                print(f"  {name} {ratio:.4g}x group {group} {allocation}: {r['ratio']:.2f}x KL {r['kl']:.5f}",
+                      file=sys.stderr, flush=True)
+    return rows
+
+
+def group_table(rows: list[dict], targets: list[float], column: Callable[[float], str],
+                cell: Callable[[dict], str]) -> str:
+    """:func:`table` for the group-wise rows: a row per model, grouping and rule."""
+    lines = ["| model | groups | rule | " + " | ".join(column(t) for t in targets) + " |",
+             "|---|---|---|" + "---|" * len(targets)]
+    for model, grouping in dict.fromkeys((r["model"], r["grouping"]) for r in rows):
+        for allocation in GROUP_ROWS:
+            picked = [r for r in rows if r["model"] == model and r["grouping"] == grouping and r["allocation"] == allocation]
+            cells = [cell(next(r for r in picked if r["target"] == t)) for t in targets]
+            ran = picked[0]["ran"]
+            label = f"auto (= {ran})" if allocation == "auto" else GROUP_LABELS[allocation]
+            lines.append(f"| {model} | {grouping} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _gpt2_calibration_text() -> Path:
+    """The held-out text after its scored first :data:`SCORED_CHARS` (what ``hessian`` calibrates on)."""
+    val = CACHE / "gpt2-local-val.txt"
+    scored = CACHE / "gpt2-local-val-24k.txt"
+    if not scored.exists():
+        scored.write_text(val.read_text()[:SCORED_CHARS])
+    if scored.read_text() != val.read_text()[:SCORED_CHARS]:
+        raise SystemExit(f"{scored} is not the first {SCORED_CHARS:,} characters of {val}")
+    WORK.mkdir(parents=True, exist_ok=True)
+    calib = WORK / "gpt2-calib.txt"
+    calib.write_text(val.read_text()[SCORED_CHARS:])
+    return calib
+
+
 def classifier_rows(task: str, seed: int) -> list[dict]:
     model = CACHE / f"{task}-seed{seed}.pt"
     base = mlcompress.evaluate(task, model, device="cpu")["accuracy"]
@@ -167,13 +320,8 @@ def classifier_rows(task: str, seed: int) -> list[dict]:
 
 def gpt2_rows(name: str, calib_windows: int) -> list[dict]:
     model = CACHE / name
-    val = CACHE / "gpt2-local-val.txt"
     scored = CACHE / "gpt2-local-val-24k.txt"
-    if scored.read_text() != val.read_text()[:SCORED_CHARS]:
-        raise SystemExit(f"{scored} is not the first {SCORED_CHARS:,} characters of {val}")
-    WORK.mkdir(parents=True, exist_ok=True)
-    calib = WORK / "gpt2-calib.txt"
-    calib.write_text(val.read_text()[SCORED_CHARS:])
+    calib = _gpt2_calibration_text()
     task = get_task("lm", calib, model)
     windows = min(calib_windows, len(task.train_inputs))
     rows, equal = [], {}
@@ -240,8 +388,10 @@ def gpt2_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="lenet5,mlp-digits,gpt2", help="comma-separated: lenet5, mlp-digits, gpt2")
+    parser.add_argument("--only", default="lenet5,mlp-digits,gpt2",
+                        help="comma-separated: lenet5, mlp-digits, gpt2, lenet5-channels, gpt2-groups")
     parser.add_argument("--calib-windows", type=int, default=128, help="GPT-2: calibration windows for hessian")
+    parser.add_argument("--group-sizes", default="64,128", help="gpt2-groups: comma-separated --group-size values")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     WORK.mkdir(parents=True, exist_ok=True)
@@ -258,9 +408,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nGPT-2s, same run (mean KL to fp32 over every position of gpt2-local-val-24k.txt; ratio "
                   f"reached):\n", flush=True)
             print(gpt2_table(results[part]), flush=True)
+        elif part == "lenet5-channels":
+            results[part] = [row for seed in (0, 1) for row in classifier_group_rows("lenet5", seed)]
+            print("\nLeNet-5s with --per-channel, same run (drop in accuracy points, paired se; mean KL to fp32 on "
+                  "the test set):\n", flush=True)
+            print(group_table(results[part], list(CLASSIFIERS["lenet5"]), lambda t: f"{t:g}x: drop (se), KL",
+                              lambda r: f"{r['drop']:+.2f} ({r['drop_se']:.2f}), {r['kl']:.5f}"), flush=True)
+        elif part == "gpt2-groups":
+            sizes = [int(g) for g in args.group_sizes.split(",")]
+            results[part] = [row for name in GPT2_MODELS for row in gpt2_group_rows(name, args.calib_windows, sizes)]
+            print("\nGPT-2s with --group-size, same run (mean KL to fp32 over every position of "
+                  "gpt2-local-val-24k.txt; ratio reached):\n", flush=True)
+            print(group_table(results[part], sorted(GPT2_RATIOS, reverse=True),
+                              lambda t: f"{32 / t:.0f} bits/param ({t:.4g}x): KL",
+                              lambda r: f"{r['kl']:.5f} ± {r['kl_se']:.5f} ({r['ratio']:.2f}x)"), flush=True)
         else:
             parser.error(f"unknown part {part!r}")
-        (WORK / "results.json").write_text(json.dumps(results, indent=1))
+        (WORK / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 

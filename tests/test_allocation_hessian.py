@@ -57,12 +57,17 @@ def _model(seed: int = 0) -> TwoBranch:
     return model
 
 
-def two_branch_task(data=None) -> TensorTask:
-    """The plug-in task of the end-to-end tests: labels drawn from :func:`_model`'s own outputs."""
-    x = _inputs(3000, seed=1)
+def self_labelled(name: str, architecture: type[nn.Module], model: nn.Module, x: torch.Tensor) -> TensorTask:
+    """A task on inputs ``x`` whose labels are drawn from ``model``'s own outputs (seeded): the
+    first 1,000 for training and calibration, the rest for testing."""
     with torch.no_grad():
-        y = torch.multinomial(F.softmax(_model()(x), dim=-1), 1, generator=torch.Generator().manual_seed(2))[:, 0]
-    return TensorTask("two-branch", TwoBranch, x[:1000], y[:1000], x[1000:], y[1000:])
+        y = torch.multinomial(F.softmax(model(x), dim=-1), 1, generator=torch.Generator().manual_seed(2))[:, 0]
+    return TensorTask(name, architecture, x[:1000], y[:1000], x[1000:], y[1000:])
+
+
+def two_branch_task(data=None) -> TensorTask:
+    """The plug-in task of the end-to-end tests."""
+    return self_labelled("two-branch", TwoBranch, _model(), _inputs(3000, seed=1))
 
 
 def _closed_form(model: TwoBranch, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -56,10 +56,10 @@ from mlcompress.progress import Progress, report
 from mlcompress.quant.calibrate import L2Config, l2_compress
 from mlcompress.codecs.low_precision import float_format as low_precision_format
 from mlcompress.quant.low_precision import dequantize_float, float_plan
-from mlcompress.quant.rate import resolve_allocation, search_step, step_factors, step_plan
+from mlcompress.quant.rate import group_step_factors, resolve_allocation, search_step, step_factors, step_plan
 from mlcompress.quant.plan import (LOSSY_CODECS, FileSize, Plan, measure_file, plan_encoder, quantizable_names,
                                    uniform_plan, write_plan)
-from mlcompress.quant.sensitivity import fisher_diagonal, tensor_sensitivity
+from mlcompress.quant.sensitivity import fisher_diagonal, group_sensitivity, tensor_sensitivity
 from mlcompress.selection import Selection
 from mlcompress.report import Report
 from mlcompress.tasks import check_state_dict_fits, evaluate_model, get_task, load_task_model
@@ -74,7 +74,8 @@ def dequantize_uniform(tensors: dict[str, torch.Tensor], plan: Plan) -> dict[str
         if codec == "quant" and opts.get("scheme") == "step":
             out[name] = step_grid.step_quantize(tensors[name], opts["step"], per_channel=opts["per_channel"],
                                                 group_size=opts["group_size"], lam=opts["lam"],
-                                                dq=opts.get("dq", False)).dequantize()
+                                                dq=opts.get("dq", False),
+                                                group_factors=opts.get("group_factors")).dequantize()
         elif codec == "quant":
             out[name] = uniform.quantize_tensor(
                 tensors[name], opts["bits"], symmetric=opts["symmetric"],
@@ -94,11 +95,13 @@ def _metadata(src: Path, options: dict[str, Any], task_obj, before, after) -> di
 
 def _step_plan(tensors: dict[str, torch.Tensor], quant: Quant,
                metadata_for: Callable[[float], dict[str, Any]], select: Callable[[str], bool],
-               sensitivity: dict[str, float] | None = None) -> tuple[Plan, float]:
+               sensitivity: dict[str, float] | None = None,
+               group_factors: dict[str, Any] | None = None) -> tuple[Plan, float]:
     """The entropy-constrained plan: the given step, or the one searched for the target ratio
     (each trial file carries the header the real file will have, so tiny models land too)."""
     kwargs = dict(allocation=quant.allocation, per_channel=quant.per_channel, group_size=quant.group_size,
-                  lam=quant.rdo_lambda, select=select, sensitivity=sensitivity, dq=quant.dq)
+                  lam=quant.rdo_lambda, select=select, sensitivity=sensitivity, dq=quant.dq,
+                  group_factors=group_factors)
     if quant.step is not None:
         return step_plan(tensors, quant.step, **kwargs), quant.step
     with tempfile.TemporaryDirectory(prefix="mlcompress-rate-") as tmp:
@@ -111,14 +114,16 @@ def _step_plan(tensors: dict[str, torch.Tensor], quant: Quant,
     return plan, step
 
 
-def _sensitivity(task, tensors: dict[str, torch.Tensor], select: Callable[[str], bool], samples: int, device,
-                 progress: Progress | None) -> dict[str, float]:
-    """``--allocation hessian``: each quantized tensor's mean Fisher diagonal on ``samples`` of
-    the task's calibration inputs (the ones L² distils on)."""
+def _sensitivity(task, tensors: dict[str, torch.Tensor], select: Callable[[str], bool], quant: Quant, device,
+                 progress: Progress | None) -> tuple[dict[str, float], dict[str, Any]]:
+    """``--allocation hessian``: each quantized tensor's mean Fisher diagonal on
+    ``--calib-samples`` of the task's calibration inputs (the ones L² distils on), and, with
+    ``--per-channel``/``--group-size``, the group steps they give (empty without groups)."""
     model = load_task_model(task, tensors, device)
-    fisher = fisher_diagonal(model, task.calibration(samples), quantizable_names(tensors, select), device=device,
-                             progress=progress)
-    return tensor_sensitivity(fisher)
+    fisher = fisher_diagonal(model, task.calibration(quant.calib_samples), quantizable_names(tensors, select),
+                             device=device, progress=progress)
+    layout = {"per_channel": quant.per_channel, "group_size": quant.group_size}
+    return tensor_sensitivity(fisher), group_step_factors(tensors, group_sensitivity(fisher, **layout), **layout)
 
 
 def _sparsity(summary: dict[str, Any], tensors, plan: Plan, dequantized) -> None:
@@ -229,9 +234,9 @@ def quantize_checkpoint(
             # not known yet (metric_before stands in: a number of the same kind).
             return _metadata(src, dict(quant.as_dict(), step=trial_step), task_obj, before, before)
 
-        sensitivity = (_sensitivity(task_obj, tensors, chosen, quant.calib_samples, dev, progress)
-                       if quant.allocation == "hessian" else None)
-        plan, chosen_step = _step_plan(tensors, quant, trial_metadata, chosen, sensitivity)
+        sensitivity, group_factors = (_sensitivity(task_obj, tensors, chosen, quant, dev, progress)
+                                      if quant.allocation == "hessian" else (None, None))
+        plan, chosen_step = _step_plan(tensors, quant, trial_metadata, chosen, sensitivity, group_factors)
         options = dict(quant.as_dict(), step=chosen_step)
         to_store, dequantized = tensors, dequantize_uniform(tensors, plan)
         summary.update(options)

@@ -34,7 +34,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mlcompress.codecs.quant.step import group_means
+from mlcompress.codecs.quant.uniform import GroupLayout
 from mlcompress.errors import InputError
+from mlcompress.lazy import numpy as np
 from mlcompress.progress import Progress, report
 
 #: Seed of the label draw (a fixed default: the same calibration set gives the same file).
@@ -102,3 +105,17 @@ def tensor_sensitivity(fisher: dict[str, torch.Tensor]) -> dict[str, float]:
     """Each tensor's mean Fisher diagonal: the ``mean(F_t)`` its step allocation needs."""
     return {n: float(f.mean()) for n, f in fisher.items()}
 
+
+
+def group_sensitivity(fisher: dict[str, torch.Tensor], *, per_channel: bool = False,
+                      group_size: int | None = None) -> dict[str, np.ndarray]:
+    """Each group's mean Fisher diagonal (float64, flat group order), for the tensors that the
+    ``--per-channel``/``--group-size`` layout cuts into more than one group: the ``mean(F_g)``
+    the group steps need (:func:`mlcompress.quant.rate.group_step_factors`). Empty
+    without groups, so a per-tensor plan is the one it always was."""
+    out = {}
+    for name, f in fisher.items():
+        layout = GroupLayout.for_shape(tuple(f.shape), per_channel=per_channel, group_size=group_size)
+        if layout.n_groups > 1:
+            out[name] = group_means(f, layout)
+    return out

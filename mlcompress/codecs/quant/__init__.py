@@ -145,8 +145,10 @@ class QuantCodec:
     name = "quant"
 
     def encode(self, tensor: torch.Tensor, options: Mapping[str, Any]) -> tuple[bytes, dict]:
-        """Options: ``scheme`` (``uniform`` default, or ``l2``). Uniform: ``bits``, ``symmetric``,
-        ``per_channel``, ``group_size``. L²: ``edge`` and ``step`` (levels are ``round(T(w))``)."""
+        """Options: ``scheme`` (``uniform`` default, ``step`` or ``l2``). Uniform: ``bits``, ``symmetric``,
+        ``per_channel``, ``group_size``. Step: ``step``, ``per_channel``, ``group_size``, ``lam``,
+        ``dq`` and optionally ``group_factors`` (each group's step relative to ``step``; not
+        stored as such, the payload holds the codes). L²: ``edge`` and ``step`` (levels are ``round(T(w))``)."""
         if not torch.is_floating_point(tensor):
             raise CodecError(f"quant codec needs a floating-point tensor, got {tensor.dtype}")
         scheme = options.get("scheme", "uniform")
@@ -178,7 +180,7 @@ class QuantCodec:
             q = step_grid.step_quantize(
                 tensor, float(options["step"]), per_channel=bool(options.get("per_channel", False)),
                 group_size=options.get("group_size"), lam=float(options.get("lam", step_grid.DEFAULT_LAMBDA)),
-                dq=bool(options.get("dq", False)),
+                dq=bool(options.get("dq", False)), group_factors=options.get("group_factors"),
             )
             codes = entropy.encode_symbols(q.codes)
             params = {"scheme": "step", "rows": q.layout.rows, "cols": q.layout.cols, "group": q.layout.group,

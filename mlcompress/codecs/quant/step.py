@@ -24,6 +24,11 @@ step is the tensor step scaled by the group's RMS over the tensor's RMS, so grou
 weights get proportionally finer steps (equal relative error per group) and the tensor's mean
 step stays the one asked for. For an entropy-coded grid that is the only reason to use groups:
 unlike a fixed-width grid, a per-tensor step has no range to fit.
+
+A caller may give the groups' steps relative to the tensor step instead (``group_factors``:
+``--allocation hessian`` derives them from each group's Fisher diagonal, in
+:mod:`mlcompress.quant.rate`). Whatever chose them, the file holds one step code per group, so
+the decoder is the same.
 """
 
 from __future__ import annotations
@@ -122,15 +127,31 @@ def check_step(step: object) -> None:
         raise UsageError(f"--step must be a positive number, got {step!r}")
 
 
-def _group_rms(x: torch.Tensor, layout: GroupLayout) -> np.ndarray:
+def group_sizes(layout: GroupLayout) -> np.ndarray:
+    """Elements per group (float64, flat group order): each row's last group may be shorter."""
+    sizes = np.full(layout.groups_per_row, layout.group, dtype=np.float64)
+    sizes[-1] -= layout.pad
+    return np.tile(sizes, layout.rows)
+
+
+def _group_sums(x: torch.Tensor, layout: GroupLayout, square: bool) -> np.ndarray:
     sums = np.empty(layout.n_groups, dtype=np.float64)
     flat = flat_view(x)
     for block in layout.blocks(whole_groups=True):
         first, last = layout.group_span(block)
-        sums[first:last] = (layout.block_groups(flat, block) ** 2).sum(dim=2).reshape(-1).numpy()
-    sizes = np.full(layout.groups_per_row, layout.group, dtype=np.float64)
-    sizes[-1] -= layout.pad
-    return np.sqrt(sums / np.tile(sizes, layout.rows))
+        groups = layout.block_groups(flat, block)
+        sums[first:last] = (groups ** 2 if square else groups).sum(dim=2).reshape(-1).numpy()
+    return sums
+
+
+def _group_rms(x: torch.Tensor, layout: GroupLayout) -> np.ndarray:
+    return np.sqrt(_group_sums(x, layout, square=True) / group_sizes(layout))
+
+
+def group_means(values: torch.Tensor, layout: GroupLayout) -> np.ndarray:
+    """The mean of ``values`` (a tensor's shape, e.g. its Fisher diagonal) over each group of
+    ``layout``, float64, flat group order."""
+    return _group_sums(values.to(torch.float64), layout, square=False) / group_sizes(layout)
 
 
 def _mean_square(x: torch.Tensor, layout: GroupLayout) -> float:
@@ -144,27 +165,47 @@ def _mean_square(x: torch.Tensor, layout: GroupLayout) -> float:
     return float(np.mean(squares.reshape(layout.rows, layout.cols)))
 
 
-def group_codes(x: torch.Tensor, layout: GroupLayout, step: float) -> np.ndarray:
-    """Step codes per group: ``step`` for one group, else scaled by group RMS / tensor RMS."""
-    if layout.n_groups <= 1:
-        return code_for(np.array([step]))[: layout.n_groups]
+def rms_factors(x: torch.Tensor, layout: GroupLayout) -> np.ndarray:
+    """Each group's RMS over the tensor's (1 for an all-zero group or tensor): the default
+    relative group steps, equal relative error in every group."""
     rms = _group_rms(x, layout)
     whole = float(np.sqrt(_mean_square(x, layout)))
-    rel = np.where(rms > 0, rms / whole, 1.0) if whole > 0 else np.ones_like(rms)
+    return np.where(rms > 0, rms / whole, 1.0) if whole > 0 else np.ones_like(rms)
+
+
+def check_group_factors(factors: object, layout: GroupLayout) -> np.ndarray:
+    """``group_factors`` as float64, or a one-line error when they do not fit ``layout``."""
+    values = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if values.size != layout.n_groups or not (np.all(np.isfinite(values)) and np.all(values > 0)):
+        raise UsageError(f"group step factors must be {layout.n_groups} positive finite numbers (one per group of "
+                         f"a {layout.rows}x{layout.cols} tensor in groups of {layout.group}), got {values.size}",
+                         hint="compute them for the same --per-channel/--group-size layout")
+    return values
+
+
+def group_codes(x: torch.Tensor, layout: GroupLayout, step: float, factors: np.ndarray | None = None) -> np.ndarray:
+    """Step codes per group: ``step`` for one group, else ``step`` times each group's factor
+    (default :func:`rms_factors`)."""
+    if layout.n_groups <= 1:
+        return code_for(np.array([step]))[: layout.n_groups]
+    rel = rms_factors(x, layout) if factors is None else check_group_factors(factors, layout)
     return code_for(step * rel)
 
 
 def step_quantize(x: torch.Tensor, step: float, *, per_channel: bool = False, group_size: int | None = None,
-                  lam: float = DEFAULT_LAMBDA, dq: bool = False) -> StepQuantized:
+                  lam: float = DEFAULT_LAMBDA, dq: bool = False,
+                  group_factors: np.ndarray | None = None) -> StepQuantized:
     """Quantize ``x`` with mean step ``step`` (nearest grid code per group) and RDO rounding, or
-    with ``dq`` dependent quantization (the trellis, ``lam`` its rate weight in step**2 per bit)."""
+    with ``dq`` dependent quantization (the trellis, ``lam`` its rate weight in step**2 per bit).
+    ``group_factors`` (one per group of the layout, e.g. from ``--allocation hessian``) are the
+    groups' steps relative to ``step`` instead of :func:`rms_factors`."""
     check_step(step)
     if not torch.is_floating_point(x):
         raise InputError(f"only floating-point tensors can be quantized, got {x.dtype}")
     if not all_finite(x):
         raise InputError("tensor holds NaN or infinite values and cannot be quantized")
     layout = GroupLayout.for_shape(tuple(x.shape), per_channel=per_channel, group_size=group_size)
-    codes = group_codes(x, layout, step)
+    codes = group_codes(x, layout, step, group_factors)
     steps = torch.from_numpy(steps_of(codes))
     flat = flat_view(x)
     blocks = layout.blocks()
