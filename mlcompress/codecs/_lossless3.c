@@ -25,6 +25,7 @@
 #ifndef _WIN32
 #include <pthread.h>
 #include <time.h>
+#include <unistd.h>
 #define HAVE_THREADS 1
 #endif
 
@@ -1254,6 +1255,7 @@ static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER; /* held by the bat
 static pthread_mutex_t pool_mutex = PTHREAD_MUTEX_INITIALIZER; /* guards the fields below */
 static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
 static int pool_started;     /* workers running */
+static int pool_threads;     /* threads (caller included) the latest batch or wake asked for */
 static batch *pool_batch;    /* the batch workers may join; NULL once its jobs are all taken */
 static unsigned pool_round;  /* bumped for each batch, so a worker joins each at most once */
 static int pool_wanted;      /* workers the batch asks for, and how many have joined it */
@@ -1306,15 +1308,29 @@ static void spin_while_nonzero(const unsigned *word) {
     }
 }
 
+/* Whether worker `index` (the caller: -1) may spin. Only while every thread the latest batch
+ * asked for has a CPU of its own: with more threads than CPUs (threads= above the core count)
+ * a spinning worker would take the CPU the thread with work needs. And only the workers that
+ * batch uses: a pool started for more threads earlier keeps its other workers parked. */
+static int pool_may_spin(int index) {
+    static long cpus;
+    if (!cpus) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        __atomic_store_n(&cpus, n > 0 ? n : 1, __ATOMIC_RELAXED);
+    }
+    int threads = __atomic_load_n(&pool_threads, __ATOMIC_RELAXED);
+    return index < threads - 1 && threads <= __atomic_load_n(&cpus, __ATOMIC_RELAXED);
+}
+
 static void *pool_worker(void *arg) {
-    (void)arg;
+    int index = (int)(intptr_t)arg;
     unsigned seen = 0;
     pthread_mutex_lock(&pool_mutex);
     for (;;) {
         while (pool_round == seen || !pool_batch || pool_joined >= pool_wanted) {
             seen = pool_round;
             pthread_mutex_unlock(&pool_mutex);
-            int woke = spin_while_equal(&pool_round, seen);
+            int woke = pool_may_spin(index) && spin_while_equal(&pool_round, seen);
             pthread_mutex_lock(&pool_mutex);
             if (!woke && pool_round == seen)
                 pthread_cond_wait(&pool_work, &pool_mutex);
@@ -1342,11 +1358,13 @@ static void pool_after_fork(void) { /* the child has none of the parent's thread
     pool_joined = pool_active = pool_wanted = 0;
 }
 
-/* Starts workers until the pool has `helpers` (or as many as the system gives); under pool_mutex. */
+/* Starts workers until the pool has `helpers` (or as many as the system gives), and notes how
+ * many threads the batch to come uses; under pool_mutex. */
 static void pool_start(int helpers) {
+    __atomic_store_n(&pool_threads, helpers + 1, __ATOMIC_RELAXED);
     while (pool_started < helpers && pool_started < MAX_WORKERS) {
         pthread_t t;
-        if (pthread_create(&t, NULL, pool_worker, NULL) != 0)
+        if (pthread_create(&t, NULL, pool_worker, (void *)(intptr_t)pool_started) != 0)
             break;
         pthread_detach(t);
         pool_started++;
@@ -1372,7 +1390,8 @@ static void pool_run(batch *b, int helpers) {
     pool_batch = NULL; /* workers that wake from now on leave this batch alone */
     if (pool_active > 0) { /* the workers' last jobs: spin for them before sleeping */
         pthread_mutex_unlock(&pool_mutex);
-        spin_while_nonzero(&pool_active);
+        if (pool_may_spin(-1))
+            spin_while_nonzero(&pool_active);
         pthread_mutex_lock(&pool_mutex);
     }
     while (pool_active > 0)
