@@ -180,7 +180,6 @@ def measure_set(label: str, tensors: dict[str, torch.Tensor], repeat: int, threa
             encodes.add(f"{codec}, API to a file, fsync not timed|1",
                         without_fsync(lambda p=path: encode_lossless(f"{label}.pt", p, tensors=tensors, threads=1)),
                         before=lambda p=path: p.unlink(missing_ok=True))
-    zstd_blobs: dict[int, bytes] = {}
     for threads in thread_counts:
         compressor = zstandard.ZstdCompressor(level=3, threads=threads if threads > 1 else 0)
         encodes.add(f"zstd -3, raw bytes|{threads}", lambda c=compressor: c.compress(raw))
@@ -196,7 +195,6 @@ def measure_set(label: str, tensors: dict[str, torch.Tensor], repeat: int, threa
             stored[f"{codec}, in memory|{threads}"] = lambda e=entries: sum(len(x.payload) for x in e.values())
     for threads in thread_counts:
         blob = enc[f"zstd -3, raw bytes|{threads}"][1]
-        zstd_blobs[threads] = blob
         decodes.add(f"zstd -3, raw bytes|{threads}", lambda b=blob: zstandard.ZstdDecompressor().decompress(b))
         stored[f"zstd -3, raw bytes|{threads}"] = lambda b=blob: len(b)
     for key, (_, _, make_decode) in zipnn.items():
@@ -285,10 +283,7 @@ def decode_entries(entries: dict[str, EncodedTensor], threads: int) -> dict[str,
     """Decode in-memory entries as the container's ``tensors()`` would (without the file): the
     entries of a codec that decodes in batches (``lossless3``) in one batch, the others one by
     one."""
-    for name in {e.codec for e in entries.values()}:  # as tensors() does before it reads
-        prepare = getattr(codecs.get(name), "prepare", None)
-        if prepare is not None:
-            prepare(threads)
+    codecs.prepare((e.codec for e in entries.values()), threads)  # as tensors() does before it reads
     batched = {k: e for k, e in entries.items() if hasattr(codecs.get(e.codec), "decode_many")}
     out = {k: decode_entry(e, threads) for k, e in entries.items() if k not in batched}
     by_codec: dict[str, list[str]] = {}

@@ -34,7 +34,7 @@ any later version. Importing this package imports neither torch nor numpy (see
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from mlcompress.errors import CodecError, MrcFormatError
 from mlcompress.format.records import TensorRecord
@@ -80,6 +80,15 @@ def encoder(name: str) -> Any:
         raise CodecError(f"codec {name!r} cannot encode a tensor on its own: it codes the whole model at once",
                          hint="use mlcompress.encode(..., method=mlcompress.Rec())")
     return codec
+
+
+def prepare(names: Iterable[str], threads: int) -> None:
+    """Let each codec of ``names`` that has ``prepare`` get ready for a decode on ``threads``
+    threads (``lossless3`` wakes its workers): called before the payloads are read."""
+    for name in set(names):
+        ready = getattr(get(name), "prepare", None)
+        if ready is not None:
+            ready(threads)
 
 
 def describe(record: TensorRecord) -> Mapping[str, Any]:

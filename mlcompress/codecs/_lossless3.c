@@ -1194,7 +1194,8 @@ static PyObject *py_simd(PyObject *self, PyObject *arg) {
  * was as large as the coding itself, so a second thread made decoding slower. A batch holds
  * every chunk of every tensor of a read (and the CRC of every payload): one call parses the
  * buffers, releases the GIL once, and `threads` native threads (the caller and threads - 1
- * workers of a pool kept for the process) take the jobs largest first from a shared counter. Jobs write disjoint buffers, so the bytes never depend on the thread count. */
+ * workers of a pool kept for the process) take the jobs largest first from a shared counter.
+ * Jobs write disjoint buffers, so the bytes never depend on the thread count. */
 
 enum { JOB_DECODE, JOB_ENCODE, JOB_CRC };
 
@@ -1248,8 +1249,9 @@ static int by_cost(const void *a, const void *b) {
  * on an idle CPU), which on a small model's 400 us decode left a second thread almost nothing
  * to do; a worker parked on a condition variable started within about 10 us there, but on
  * another VM (Intel Xeon, 2 vCPUs) waking it took most of a LeNet-5 decode, so workers and the
- * caller spin for a while before they park (SPIN_NS below). The pool runs one batch at a time (a second caller meanwhile decodes alone), workers never touch
- * Python objects, and a forked child starts with an empty pool. */
+ * caller spin for a while before they park (SPIN_NS below). The pool runs one batch at a time
+ * (a second caller meanwhile decodes alone), workers never touch Python objects, and a forked
+ * child starts with an empty pool. */
 enum { MAX_WORKERS = 255 };
 static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER; /* held by the batch using the pool */
 static pthread_mutex_t pool_mutex = PTHREAD_MUTEX_INITIALIZER; /* guards the fields below */
@@ -1261,6 +1263,7 @@ static unsigned pool_round;  /* bumped for each batch, so a worker joins each at
 static int pool_wanted;      /* workers the batch asks for, and how many have joined it */
 static int pool_joined;
 static unsigned pool_active; /* workers still in the batch (read while spinning) */
+static long pool_cpus = 1;     /* online CPUs, read once at import */
 
 /* How long a thread spins before it sleeps: a worker after its batch (for the next one), the
  * caller after its share (for the workers' last jobs). Why: on the VMs measured a thread
@@ -1301,7 +1304,7 @@ static int spin_while_equal(const unsigned *word, unsigned value) {
     }
 }
 
-/* Spins while *word != 0, at most SPIN_NS. */
+/* Spins while *word != 0, at most SPIN_NS after its last change. */
 static void spin_while_nonzero(const unsigned *word) {
     unsigned value;
     while ((value = __atomic_load_n(word, __ATOMIC_ACQUIRE)) != 0 && spin_while_equal(word, value)) {
@@ -1313,13 +1316,8 @@ static void spin_while_nonzero(const unsigned *word) {
  * a spinning worker would take the CPU the thread with work needs. And only the workers that
  * batch uses: a pool started for more threads earlier keeps its other workers parked. */
 static int pool_may_spin(int index) {
-    static long cpus;
-    if (!cpus) {
-        long n = sysconf(_SC_NPROCESSORS_ONLN);
-        __atomic_store_n(&cpus, n > 0 ? n : 1, __ATOMIC_RELAXED);
-    }
     int threads = __atomic_load_n(&pool_threads, __ATOMIC_RELAXED);
-    return index < threads - 1 && threads <= __atomic_load_n(&cpus, __ATOMIC_RELAXED);
+    return index < threads - 1 && threads <= pool_cpus;
 }
 
 static void *pool_worker(void *arg) {
@@ -1639,6 +1637,8 @@ PyMODINIT_FUNC PyInit__lossless3(void) {
 #endif
 #ifdef HAVE_THREADS
     pthread_atfork(NULL, NULL, pool_after_fork);
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    pool_cpus = cpus > 0 ? cpus : 1;
 #endif
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -139,10 +139,8 @@ class MrcFile:
         out: dict[str, Any] = {}
         threads = resolve_threads(threads)
         device = _as_device(device)
-        for name in {r.codec for r in self.units if isinstance(r, TensorRecord)}:
-            prepare = getattr(codecs.get(name), "prepare", None)
-            if prepare is not None:  # threads woken now are running once the payloads are read
-                prepare(threads)
+        # threads woken now are running once the payloads are read
+        codecs.prepare((r.codec for r in self.units if isinstance(r, TensorRecord)), threads)
         run: list[TensorRecord] = []
         pending = 0  # payload bytes in run
         with self._open() as handle, _reusing_large_reads():
@@ -269,36 +267,36 @@ _SCRATCH = threading.local()
 
 
 def _scratch(length: int) -> memoryview:
-    """A writable buffer of ``length`` bytes: this thread's reused one up to :data:`SCRATCH_BYTES`
-    (grown to the next power of two when too small); a larger one is fresh, or inside
-    :func:`_reusing_large_reads` the one the previous large read of this thread got."""
-    if length > SCRATCH_BYTES:
-        large = getattr(_SCRATCH, "large", None)
-        if large is None:  # not inside _reusing_large_reads
-            return memoryview(np.empty(length, dtype=np.uint8))
-        if len(large) < length:
-            _SCRATCH.large = large = memoryview(np.empty(length, dtype=np.uint8))
-        return large[:length]
+    """A writable buffer of ``length`` bytes: a view of this thread's buffer, which is replaced
+    by a larger one (the next power of two, at least 64 KiB) when too small. A read above
+    :data:`SCRATCH_BYTES` outside :func:`_reusing_large_reads` gets a fresh buffer instead, so
+    nothing that size outlives its read."""
     buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or len(buffer) < length:
-        buffer = _SCRATCH.buffer = memoryview(np.empty(max(1 << 16, 1 << (length - 1).bit_length()), dtype=np.uint8))
+    if buffer is not None and len(buffer) >= length:
+        return buffer[:length]
+    if length > SCRATCH_BYTES:
+        buffer = memoryview(np.empty(length, dtype=np.uint8))
+        if getattr(_SCRATCH, "depth", 0):
+            _SCRATCH.buffer = buffer
+        return buffer
+    buffer = _SCRATCH.buffer = memoryview(np.empty(max(1 << 16, 1 << (length - 1).bit_length()), dtype=np.uint8))
     return buffer[:length]
 
 
 @contextmanager
 def _reusing_large_reads() -> Iterator[None]:
-    """While inside, this thread's large reads share one buffer (the largest so far) instead of
-    each getting a fresh one, which on the VM measured faulted in at 2.3 GB/s: a model's runs
-    (:data:`RUN_BYTES` each) are read one after another, each dropped before the next. The
-    buffer is freed on the way out, so nothing that size outlives the call."""
-    if getattr(_SCRATCH, "large", None) is not None:  # already inside
-        yield
-        return
-    _SCRATCH.large = memoryview(b"")
+    """While inside, this thread's large reads share its buffer too (the largest so far)
+    instead of each getting a fresh one, which on the VM measured faulted in at 2.3 GB/s: a
+    model's runs (:data:`RUN_BYTES` each) are read one after another, each dropped before the
+    next. On the way out of the outermost call a buffer above :data:`SCRATCH_BYTES` is freed."""
+    _SCRATCH.depth = getattr(_SCRATCH, "depth", 0) + 1
     try:
         yield
     finally:
-        _SCRATCH.large = None
+        _SCRATCH.depth -= 1
+        buffer = getattr(_SCRATCH, "buffer", None)
+        if not _SCRATCH.depth and buffer is not None and len(buffer) > SCRATCH_BYTES:
+            _SCRATCH.buffer = None
 
 
 def _read_bytes(f: BinaryIO, offset: int, length: int) -> bytes:

@@ -241,7 +241,7 @@ def _parse_position(path: Path, item: dict, what: str, *args: Any) -> tuple[int,
     for key in ("offset", "length", "crc32"):
         value = item.get(key)
         if not (_is_int(value) and value >= 0):
-            _need(False, path, "{} has an invalid {}", what.format(*args), key)
+            raise MrcFormatError(f"{path}: {what.format(*args)} has an invalid {key}")
     return item["offset"], item["length"], item["crc32"]
 
 

@@ -106,7 +106,6 @@ def tensor_sensitivity(fisher: dict[str, torch.Tensor]) -> dict[str, float]:
     return {n: float(f.mean()) for n, f in fisher.items()}
 
 
-
 def group_sensitivity(fisher: dict[str, torch.Tensor], *, per_channel: bool = False,
                       group_size: int | None = None) -> dict[str, np.ndarray]:
     """Each group's mean Fisher diagonal (float64, flat group order), for the tensors that the
