@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from mlcompress.assembly import base_metadata, default_output, smallest_lossless
 from mlcompress.atomic import check_destination
 from mlcompress.checkpoint.source import open_source, source_of
-from mlcompress.container import open_mrc, write_stream
+from mlcompress.container import write_stream
 from mlcompress.progress import Progress, report
 from mlcompress.report import Report
 from mlcompress.workers import resolve_threads
@@ -50,8 +50,8 @@ def encode_lossless(
     dst = Path(dst) if dst is not None else default_output(src)
     check_destination(dst, force=force)
     source = open_source(src, unsafe_pickle=unsafe_pickle) if tensors is None else source_of(tensors, src)
-    records = write_stream(dst, source, lambda name, t: smallest_lossless(name, t, threads),
+    written = write_stream(dst, source, lambda name, t: smallest_lossless(name, t, threads),
                            base_metadata(src, {"method": "lossless"}), force=force,
                            progress=lambda done, total: report(progress, "lossless", done / 1e6, total / 1e6, "MB"))
-    codecs = Counter(r.codec for r in records if r.alias_of is None)
-    return Report.of(open_mrc(dst), "lossless", time.perf_counter() - start, {"codecs": dict(sorted(codecs.items()))})
+    codecs = Counter(r.codec for r in written.records if r.alias_of is None)
+    return Report.of(written, "lossless", time.perf_counter() - start, {"codecs": dict(sorted(codecs.items()))})

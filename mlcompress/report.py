@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from mlcompress.container import MrcFile
+from mlcompress.container import MrcFile, Written
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,10 @@ class Report:
         return self.fp32_bytes / self.file_bytes if self.file_bytes else 0.0
 
     @classmethod
-    def of(cls, mrc: MrcFile, method: str, seconds: float = 0.0, details: Mapping[str, Any] | None = None,
+    def of(cls, mrc: MrcFile | Written, method: str, seconds: float = 0.0, details: Mapping[str, Any] | None = None,
            path: Path | None = None) -> "Report":
-        """The report of a written file, from its header alone."""
+        """The report of a written file, from its header alone (read back, or as its writer
+        laid it out)."""
         stored = [r for r in mrc.records if r.alias_of is None]
         return cls(
             path=path if path is not None else mrc.path,

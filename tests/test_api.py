@@ -56,6 +56,25 @@ def test_one_ratio_everywhere(tmp_path, weights):
         assert r.original_bytes == sum(t.numel() * 4 for t in weights.values()) == r.fp32_bytes
 
 
+def test_lossless_report_is_the_files_own(tmp_path):
+    """encode_lossless builds its report from what the writer laid out, not by reading the file
+    back: every field must still equal the one read from the file (ties, dtypes, raw tensors)."""
+    from mlcompress.container import open_mrc
+    from mlcompress.lossless import encode_lossless
+    from mlcompress.report import Report
+
+    torch.manual_seed(2)
+    emb = torch.randn(40, 16)
+    tensors = {"emb": emb, "head": emb, "w16": torch.randn(300, 7).to(torch.bfloat16),
+               "h": torch.randn(33).half(), "steps": torch.arange(5), "tiny": torch.ones(1)}
+    out = tmp_path / "t.mrc"
+    report = encode_lossless("t.pt", out, tensors=tensors, threads=1)
+    again = Report.of(open_mrc(out), "lossless", report.seconds, report.details)
+    assert report == again
+    assert report.file_bytes == out.stat().st_size and report.tensors == 6
+    assert report.parameters == 40 * 16 + 300 * 7 + 33 + 5 + 1
+
+
 def test_bytes_round_trip(weights):
     blob = mlcompress.encode_bytes(weights, method=mlcompress.Lossless())
     back = mlcompress.decode_bytes(blob)

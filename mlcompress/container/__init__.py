@@ -5,9 +5,9 @@ validates and decodes. The byte layout is :mod:`mlcompress.format` (docs/format.
 """
 
 from mlcompress.container.reader import MrcFile, open_mrc
-from mlcompress.container.writer import (MrcWriter, encode_entries, encode_tensor, file_size, shared_storage_aliases,
+from mlcompress.container.writer import (MrcWriter, Written, encode_entries, encode_tensor, file_size, shared_storage_aliases,
                                          write_encoded, write_mrc, write_stream)
 from mlcompress.format.records import Alias, EncodedTensor, TensorRecord
 
-__all__ = ["MrcFile", "MrcWriter", "open_mrc", "write_encoded", "write_mrc", "write_stream", "encode_entries", "encode_tensor", "file_size",
+__all__ = ["MrcFile", "MrcWriter", "open_mrc", "write_encoded", "write_mrc", "write_stream", "Written", "encode_entries", "encode_tensor", "file_size",
            "shared_storage_aliases", "Alias", "EncodedTensor", "TensorRecord"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -95,6 +96,18 @@ def file_size(entries: Iterable[Entry], metadata: Mapping[str, Any]) -> int:
     return lay_out(_stored_units(records, payloads.__getitem__), metadata)[1]
 
 
+@dataclass(frozen=True)
+class Written:
+    """A finished ``.mrc`` file as its writer knows it: the destination, the records (as
+    :attr:`MrcFile.records <mlcompress.container.reader.MrcFile.records>` lists them) and the
+    file's size. Enough for a report without opening the file again, which on a small model
+    cost a tenth of the encode."""
+
+    path: Path
+    records: list[TensorRecord]
+    file_size: int
+
+
 #: Bytes copied per call from the spool into the final file.
 COPY_CHUNK = 1 << 24
 
@@ -132,6 +145,7 @@ class MrcWriter:
         self._may_spool = spool
         self._held = 0  # payload bytes in _memory
         self._spool_end = 0
+        self.file_size = 0  # set by finish
 
     def __enter__(self) -> "MrcWriter":
         return self
@@ -214,7 +228,7 @@ class MrcWriter:
             if self._spool is not None:
                 self._spool.flush()
             units = _stored_units(self.records, self._payload)
-            header, _ = lay_out(units, metadata)
+            header, self.file_size = lay_out(units, metadata)
             with atomic_output(self.path, force=self.force) as tmp, open(tmp, "wb") as f:
                 f.write(PREAMBLE.pack(MAGIC, VERSION, zlib.crc32(header), len(header)))
                 f.write(header)
@@ -287,15 +301,15 @@ def encode_entries(tensors: Mapping[str, Any], encode_one: Callable[[str, Any], 
 
 def write_stream(path: str | os.PathLike, source: Any, encode_one: Callable[[str, Any], EncodedTensor],
                  metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]], *, force: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> list[TensorRecord]:
+                 progress: Callable[[int, int], None] | None = None) -> Written:
     """Encode a checkpoint tensor by tensor into ``path``: read one, encode it, spool its
     payload, drop it. Memory holds one tensor and its payload at a time, whatever the model.
 
     ``source`` is a :class:`~mlcompress.checkpoint.source.TensorSource` (anything with
     ``names``, ``aliases``, ``info(name).nbytes`` and ``get(name)``); its ties become aliases.
     ``metadata`` may be a function, called once every tensor is encoded, for headers that
-    depend on the encoding. ``progress(done, total)`` is called in source bytes. Returns the
-    records written (payload lengths, codecs).
+    depend on the encoding. ``progress(done, total)`` is called in source bytes. Returns what
+    was written (the records with their payload lengths and codecs, the file's size).
     """
     total = sum(source.info(n).nbytes for n in source.names if n not in source.aliases)
     done = 0
@@ -309,7 +323,7 @@ def write_stream(path: str | os.PathLike, source: Any, encode_one: Callable[[str
             if progress is not None:
                 progress(done, total)
         writer.finish(metadata() if callable(metadata) else metadata)
-        return writer.records
+        return Written(writer.path, writer.records, writer.file_size)
 
 
 def write_mrc(path: str | os.PathLike, tensors: Mapping[str, Any], plan: Plan, metadata: Mapping[str, Any], *,

@@ -125,17 +125,21 @@ def lay_out(units: Sequence[Unit], metadata: Mapping[str, Any], version: int = V
     by a few digits, so this ends in 2-3 rounds), then pad the header with zero bytes to the
     length the offsets were laid out for.
     """
+    doc = header_doc(units, metadata, file_size=0, version=version)
+    # Only the offsets and the file size change from round to round: the objects are built once
+    # and those fields set in place.
+    placed = [(unit, obj) for unit, obj in zip(units, doc["tensors"]) if has_payload(unit)]
     header_len = 0
     while True:
         header_end = PREAMBLE.size + header_len
         offset = align(header_end)
         file_size = header_end
-        for unit in units:
-            if has_payload(unit):
-                unit.offset = offset
-                file_size = offset + unit.length
-                offset = align(file_size)
-        header = encode_header(header_doc(units, metadata, file_size=file_size, version=version), version)
+        for unit, obj in placed:
+            unit.offset = obj["offset"] = offset
+            file_size = offset + unit.length
+            offset = align(file_size)
+        doc["file_size"] = file_size
+        header = encode_header(doc, version)
         if len(header) <= header_len:
             for unit in units:
                 if isinstance(unit, GroupRecord):
