@@ -51,6 +51,29 @@ def test_lenet5_is_the_caffe_network_with_431080_parameters():
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_lenet5_conv_relu_variant_has_the_same_tensors_and_another_function(tmp_path):
+    """``lenet5:conv_relu=yes`` loads the same state dict and differs exactly by the ReLUs after
+    the convolutions; its name is the spec that builds it again, and a bad value is one line."""
+    import pickle
+
+    torch.manual_seed(0)
+    plain, relu = LeNet5(), LeNet5(conv_relu=True)
+    relu.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    assert not torch.allclose(plain(x), relu(x))
+    manual = torch.relu(plain.pool(plain.conv2(torch.relu(plain.pool(plain.conv1(x)))))).flatten(1)
+    assert torch.allclose(relu(x), plain.fc2(torch.relu(plain.fc1(manual))), atol=1e-6)
+    data = _tiny_mnist_dir(tmp_path / "data")
+    task = get_task("lenet5:conv_relu=yes", data=data)
+    assert task.name == "lenet5:conv_relu=yes" and get_task("lenet5:conv_relu=no", data=data).name == "lenet5"
+    model = task.make_model()
+    assert model.conv_relu and sum(p.numel() for p in model.parameters()) == 431_080
+    assert pickle.loads(pickle.dumps(task.model_factory))().conv_relu  # worker processes rebuild it
+    assert get_task(task.name, data=data).name == task.name
+    with pytest.raises(InputError, match="conv_relu must be yes or no"):
+        get_task("lenet5:conv_relu=maybe", data=data)
+
+
 def test_lenet5_reads_an_idx_directory(tmp_path):
     task = lenet5_task(_tiny_mnist_dir(tmp_path / "data"))
     assert isinstance(task, Task)
