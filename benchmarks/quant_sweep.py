@@ -178,6 +178,7 @@ def rows_for(task: str, model: Path, work: Path, targets, l2: bool = False, nnco
         judged = family is not None
         rows.append({"method": label, "ratio": ratio, **f, "drop": 100 * (base - acc),
                      "nncodec": nncodec_at(ratio, drops) if judged else None, "family": family,
+                     "target": getattr(method, "target_ratio", None),
                      "nncodec_kl": nncodec_at(ratio, kls, log_value=True) if judged and kls else None,
                      "nncodec_se": nncodec_at(ratio, ses) if judged and ses else None,
                      "seconds": seconds, "weight_mse": weight_mse(model, out) if judged else None})
@@ -235,11 +236,11 @@ def pooled(per_model: dict[str, list[dict]]) -> str:
     for family in FAMILIES:
         rows = [r for rs in per_model.values() for r in rs if r.get("family") == family
                 and r["nncodec"] is not None and r.get("nncodec_se") is not None]
-        targets = sorted({float(r["method"].split()[1].rstrip("`")) for r in rows})
+        targets = sorted({r["target"] for r in rows})
         bands = [(f"{t:g}", [t]) for t in targets] + [
             ("5-12", [t for t in targets if t <= 12]), ("15-30", [t for t in targets if t >= 15]), ("all", targets)]
         for label, chosen in bands:
-            sel = [r for r in rows if float(r["method"].split()[1].rstrip("`")) in chosen]
+            sel = [r for r in rows if r["target"] in chosen]
             if not sel:
                 continue
             diff = sum(r["drop"] - r["nncodec"] for r in sel) / len(sel)
@@ -256,7 +257,7 @@ def families_table(per_model: dict[str, list[dict]]) -> str:
     for name, rows in per_model.items():
         by = {f: [r for r in rows if r.get("family") == f] for f in FAMILIES}
         for a, b in zip(by["default"], by["--dq"]):
-            target = a["method"].split()[1].rstrip("`")
+            target = f"{a['target']:g}"
             lines.append(f"| {name} | {target} | {a['ratio']:.2f}x / {b['ratio']:.2f}x | {a['drop']:+.2f} ± {a['drop_se']:.2f} "
                          f"| {b['drop']:+.2f} ± {b['drop_se']:.2f} | {a['kl']:.5f} | {b['kl']:.5f} "
                          f"| {a['weight_mse']:.3e} | {b['weight_mse']:.3e} |")

@@ -145,7 +145,6 @@ class MrcWriter:
         self._may_spool = spool
         self._held = 0  # payload bytes in _memory
         self._spool_end = 0
-        self.file_size = 0  # set by finish
 
     def __enter__(self) -> "MrcWriter":
         return self
@@ -221,14 +220,14 @@ class MrcWriter:
             length -= n
         out.seek(0, os.SEEK_END)
 
-    def finish(self, metadata: Mapping[str, Any]) -> Path:
-        """Lay the file out, write it atomically, remove the spool; returns the destination."""
+    def finish(self, metadata: Mapping[str, Any]) -> Written:
+        """Lay the file out, write it atomically, remove the spool; returns what was written."""
         try:
             _check_records(self.records)
             if self._spool is not None:
                 self._spool.flush()
             units = _stored_units(self.records, self._payload)
-            header, self.file_size = lay_out(units, metadata)
+            header, size = lay_out(units, metadata)
             with atomic_output(self.path, force=self.force) as tmp, open(tmp, "wb") as f:
                 f.write(PREAMBLE.pack(MAGIC, VERSION, zlib.crc32(header), len(header)))
                 f.write(header)
@@ -240,7 +239,7 @@ class MrcWriter:
                     pos = unit.offset + unit.length
         finally:
             self.close()
-        return self.path
+        return Written(self.path, self.records, size)
 
 
 def write_encoded(path: str | os.PathLike, entries: Iterable[Entry], metadata: Mapping[str, Any], *,
@@ -250,7 +249,7 @@ def write_encoded(path: str | os.PathLike, entries: Iterable[Entry], metadata: M
     with MrcWriter(path, force=force, spool=False) as writer:
         for entry in entries:
             writer.add(entry)
-        return writer.finish(metadata)
+        return writer.finish(metadata).path
 
 
 def shared_storage_aliases(tensors: Mapping[str, Any]) -> dict[str, str]:
@@ -322,8 +321,7 @@ def write_stream(path: str | os.PathLike, source: Any, encode_one: Callable[[str
             done += source.info(name).nbytes
             if progress is not None:
                 progress(done, total)
-        writer.finish(metadata() if callable(metadata) else metadata)
-        return Written(writer.path, writer.records, writer.file_size)
+        return writer.finish(metadata() if callable(metadata) else metadata)
 
 
 def write_mrc(path: str | os.PathLike, tensors: Mapping[str, Any], plan: Plan, metadata: Mapping[str, Any], *,

@@ -318,11 +318,11 @@ def _quantize_streaming(src: Path, dst: Path, options: Quant | Float, *, force: 
             quantized += tensor.numel()
         return encode(name, tensor)
 
-    write_stream(dst, source, encode_one, _metadata(src, as_dict, None, None, None), force=force,
+    written = write_stream(dst, source, encode_one, _metadata(src, as_dict, None, None, None), force=force,
                  progress=lambda done, total: report(progress, "quantize", done / 1e6, total / 1e6, "MB"))
     summary: dict[str, Any] = {"input": str(src), **as_dict}
     if isinstance(options, Quant):
         summary["sparsity"] = zeros / max(quantized, 1)
     summary.update(measure_file(dst).as_dict())
     summary["quantized_tensors"] = sum(1 for c, _ in plan.values() if c in LOSSY_CODECS)
-    return Report.of(open_mrc(dst), as_dict["method"], time.perf_counter() - start, summary)
+    return Report.of(written, as_dict["method"], time.perf_counter() - start, summary)
